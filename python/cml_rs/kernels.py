@@ -1,0 +1,107 @@
+"""Native kernels: WARP rank weights, exact top-K and pairwise squared distances.
+
+All of them release the GIL and run on Rust threads (``num_threads=0``: all
+cores); results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _native
+from ._checks import as_csr, as_queries, as_vectors, check_num_threads, check_positive_int, csr_arrays
+
+
+def rank_weights(
+    pos_dist: Any, neg_dist: Any, margin: float, n_items: int, num_threads: int = 0
+) -> Tuple[np.ndarray, np.ndarray]:
+    """WARP rank weights and hardest negatives of CML's metric loss.
+
+    For each pair b, with ``M`` the number of negatives u where
+    ``margin + pos_dist[b] - neg_dist[b, u] > 0``, the weight is
+    ``log(floor(n_items * M / U) + 1)``; ``hardest[b]`` is the index of the
+    negative with the largest hinge (the smallest ``neg_dist``).
+
+    Parameters
+    ----------
+    pos_dist : array-like, shape (B,)
+        Squared distance of each user to its positive item.
+    neg_dist : array-like, shape (B, U)
+        Squared distances to the U sampled negatives.
+    margin : float
+        Hinge margin m.
+    n_items : int
+        J, the number of items.
+
+    Returns
+    -------
+    weights : float32 ndarray, shape (B,)
+    hardest : int64 ndarray, shape (B,)
+    """
+    pos = np.ascontiguousarray(np.asarray(pos_dist), dtype=np.float32)
+    if pos.ndim != 1:
+        raise ValueError(f"pos_dist must be 1-D (B,), got shape {pos.shape}")
+    neg = as_vectors(neg_dist, "neg_dist")
+    return _native.rank_weights(
+        pos, neg, float(margin), check_positive_int(n_items, "n_items"), check_num_threads(num_threads)
+    )
+
+
+def topk_l2(
+    queries: Any,
+    items: Any,
+    k: int,
+    exclude: Optional[Any] = None,
+    num_threads: int = 0,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest items of each query by squared Euclidean distance.
+
+    Parameters
+    ----------
+    queries : array-like, shape (Q, d) or (d,)
+        Query vectors (user factors); float64 is converted to float32.
+    items : array-like, shape (N, d)
+        Item vectors.
+    k : int
+        Neighbours per query.
+    exclude : scipy.sparse matrix, shape (Q, N), optional
+        Row q lists item ids query q must not get back (the items a user has
+        already seen); skipped inside the search.
+    num_threads : int
+        0 means all cores.
+
+    Returns
+    -------
+    ids : int64 ndarray, shape (Q, k) (or (k,) for a 1-D query)
+        Nearest first; -1 where fewer than k items are eligible.
+    sqdist : float32 ndarray, same shape
+        Exact squared distances; +inf in padded slots.
+    """
+    query_array, single = as_queries(queries)
+    item_array = as_vectors(items, "items")
+    if item_array.shape[1] != query_array.shape[1]:
+        raise ValueError(
+            f"queries must have {item_array.shape[1]} columns (the item dimension), "
+            f"got {query_array.shape[1]}"
+        )
+    excluded = None
+    if exclude is not None:
+        excluded = csr_arrays(
+            as_csr(exclude, "exclude", n_rows=query_array.shape[0], n_cols=item_array.shape[0])
+        )
+    ids, dist = _native.topk_l2(
+        query_array, item_array, check_positive_int(k, "k"), excluded, check_num_threads(num_threads)
+    )
+    return (ids[0], dist[0]) if single else (ids, dist)
+
+
+def sqdist(queries: Any, items: Any, num_threads: int = 0) -> np.ndarray:
+    """All squared Euclidean distances between ``queries`` (Q, d) and ``items`` (N, d), as (Q, N).
+
+    Allocates the full Q x N matrix; use :func:`topk_l2` when only the nearest matter.
+    """
+    query_array = as_vectors(queries, "queries")
+    item_array = as_vectors(items, "items", dim=query_array.shape[1])
+    return _native.sqdist(query_array, item_array, check_num_threads(num_threads))

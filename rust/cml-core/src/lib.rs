@@ -1,0 +1,27 @@
+//! cml-core: the native core of cml-rs, Collaborative Metric Learning
+//! (Hsieh et al., WWW 2017) with a Rust engine.
+//!
+//! Pure Rust with no Python in it: slices in, owned results out. The PyO3
+//! binding (`rust/cml-py`) validates Python input, releases the GIL and calls
+//! these functions. Each module states its algorithm, invariants and cost.
+//!
+//! - [`sampler`]: the WARP negative sampler with background prefetch.
+//! - [`rank`]: WARP rank weights and hardest negatives.
+//! - [`kernel`], [`topk`]: register-blocked distance kernels and exact top-K.
+//! - [`csr`]: validated sparse rows (positives, exclusions).
+//! - [`rng`], [`parallel`]: seeded streams and thread pools that keep results
+//!   independent of the thread count.
+
+pub mod csr;
+pub mod error;
+pub mod kernel;
+pub mod parallel;
+pub mod rank;
+pub mod rng;
+pub mod sampler;
+pub mod topk;
+
+pub use csr::Csr;
+pub use error::{CoreError, Result};
+pub use sampler::{Batch, BatchStream, SamplerConfig, WarpSampler};
+pub use topk::{topk_l2, Neighbours, Vectors};

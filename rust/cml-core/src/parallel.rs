@@ -1,0 +1,107 @@
+//! Thread pools sized by the caller, safe across `fork`.
+//!
+//! Each distinct thread count gets one rayon pool, built on first use and then
+//! reused. rayon's global pool is never touched, so `num_threads` is honoured
+//! exactly. A pool remembers the process id it was built in: after a `fork`
+//! (torch DataLoader workers) the child finds the id changed, and since its
+//! copy of the pool has no threads behind it, it builds fresh pools and leaks
+//! the dead ones (dropping them would signal threads that do not exist).
+//! Results never depend on the pool size: callers seed per unit of work.
+
+use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Resolves the user-facing thread count: 0 means all available cores.
+pub fn resolve_threads(num_threads: usize) -> usize {
+    if num_threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        num_threads
+    }
+}
+
+struct PoolCache {
+    pid: u32,
+    pools: HashMap<usize, Arc<ThreadPool>>,
+}
+
+fn cache() -> &'static Mutex<PoolCache> {
+    static CACHE: OnceLock<Mutex<PoolCache>> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        Mutex::new(PoolCache {
+            pid: std::process::id(),
+            pools: HashMap::new(),
+        })
+    })
+}
+
+/// The shared pool with `resolve_threads(num_threads)` workers.
+pub fn pool(num_threads: usize) -> Arc<ThreadPool> {
+    let threads = resolve_threads(num_threads);
+    // A panic while holding this lock cannot leave the map inconsistent, so a
+    // poisoned lock is still usable.
+    let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
+    let pid = std::process::id();
+    if cache.pid != pid {
+        let dead = std::mem::take(&mut cache.pools);
+        std::mem::forget(dead);
+        cache.pid = pid;
+    }
+    cache
+        .pools
+        .entry(threads)
+        .or_insert_with(|| {
+            Arc::new(
+                ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("cml-rs-{i}"))
+                    .build()
+                    .expect("the OS refused to start worker threads"),
+            )
+        })
+        .clone()
+}
+
+/// Maps `f` over task indices `0..n_tasks`, in the pool for `num_threads`, or
+/// on the calling thread when `serial` (work too small to be worth waking
+/// workers for) or when one thread is asked for. Output order is task order.
+pub fn map_tasks<T, F>(num_threads: usize, serial: bool, n_tasks: usize, f: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync + Send,
+{
+    if serial || n_tasks <= 1 || resolve_threads(num_threads) == 1 {
+        (0..n_tasks).map(f).collect()
+    } else {
+        use rayon::prelude::*;
+        pool(num_threads).install(|| (0..n_tasks).into_par_iter().map(f).collect())
+    }
+}
+
+/// Calls `f(chunk_index, chunk)` on consecutive chunks of `data` of `chunk_len`
+/// elements, in parallel unless `serial` (see [`map_tasks`]).
+pub fn for_each_chunk_mut<T, F>(
+    num_threads: usize,
+    serial: bool,
+    data: &mut [T],
+    chunk_len: usize,
+    f: F,
+) where
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync + Send,
+{
+    let chunk_len = chunk_len.max(1);
+    if serial || data.len() <= chunk_len || resolve_threads(num_threads) == 1 {
+        data.chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        use rayon::prelude::*;
+        pool(num_threads).install(|| {
+            data.par_chunks_mut(chunk_len)
+                .enumerate()
+                .for_each(|(i, c)| f(i, c));
+        });
+    }
+}

@@ -1,0 +1,582 @@
+//! Exact top-K by squared Euclidean distance, fused with the distance kernel.
+//!
+//! Work is cut into tasks of (a chunk of queries) x (a range of items). A task
+//! packs its queries once, then walks its items in blocks of `BLOCK_ITEMS`:
+//! packs the block (which then sits in L2), and runs the micro-kernel of
+//! [`crate::kernel`] over every (query tile, item panel) pair, pushing only the
+//! entries that beat a query's current threshold into its [`TopK`]. Memory per
+//! task is O(chunk * dim + BLOCK_ITEMS * dim + chunk * k), never O(Q x N).
+//! With few queries, items are split over tasks too and per-query lists merged.
+//!
+//! Selection uses the score `||x||^2 - 2 q.x`; the K winners then get their
+//! exact distance recomputed (f64 accumulation) and are ordered by
+//! (distance, id), so reported distances are exact and ties resolve by id.
+//! Items in a query's `exclude` row are skipped inside the scan. Fewer than k
+//! eligible items: the row is padded with id -1 and distance +inf.
+//! Cost: 2 * Q * N * dim flops plus O(Q * k * (log k + dim)).
+
+use crate::csr::Csr;
+use crate::error::{CoreError, Result};
+use crate::kernel::{self, Kernel, MAX_MR, MAX_TILE};
+use crate::parallel;
+use std::cmp::Ordering;
+use std::ops::Range;
+
+/// Items packed per block: 512 x 100 floats = 200 KiB, resident in L2.
+const BLOCK_ITEMS: usize = 512;
+/// Below this many multiply-adds a call runs on the calling thread.
+const SERIAL_FLOPS: usize = 1 << 22;
+/// An item split is never smaller than this.
+const MIN_SPLIT_ITEMS: usize = 4096;
+
+/// A row-major matrix of `f32` vectors borrowed from the caller.
+#[derive(Clone, Copy, Debug)]
+pub struct Vectors<'a> {
+    pub data: &'a [f32],
+    pub dim: usize,
+}
+
+impl<'a> Vectors<'a> {
+    pub fn new(data: &'a [f32], dim: usize) -> Result<Self> {
+        if dim == 0 {
+            return Err(CoreError::invalid(
+                "vectors must have at least one column, got 0",
+            ));
+        }
+        if !data.len().is_multiple_of(dim) {
+            return Err(CoreError::invalid(format!(
+                "{} values do not form rows of {dim} columns",
+                data.len()
+            )));
+        }
+        Ok(Vectors { data, dim })
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len() / self.dim
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    #[inline]
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Fails on the first NaN or infinity, naming `name[row, column]`.
+    pub fn check_finite(&self, name: &str) -> Result<()> {
+        match self.data.iter().position(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(at) => Err(CoreError::invalid(format!(
+                "{name}[{}, {}] is {}; every value must be finite (check the model for divergence or the input for missing values)",
+                at / self.dim,
+                at % self.dim,
+                self.data[at]
+            ))),
+        }
+    }
+}
+
+/// Orders (score, id) pairs: by score, then by id, so ties resolve the same
+/// way whatever order candidates arrive in.
+#[inline]
+pub fn by_score_then_id(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+/// The k smallest (score, id) pairs pushed so far. Candidates collect in a
+/// buffer of about 2k; when it fills, a linear-time selection keeps the best k
+/// and the k-th score becomes the threshold a new candidate must beat.
+#[derive(Clone, Debug)]
+pub struct TopK {
+    k: usize,
+    buffer: Vec<(f32, u32)>,
+    threshold: f32,
+}
+
+impl TopK {
+    pub fn new(k: usize) -> TopK {
+        TopK {
+            k,
+            buffer: Vec::with_capacity(Self::capacity(k)),
+            threshold: f32::INFINITY,
+        }
+    }
+
+    fn capacity(k: usize) -> usize {
+        2 * k + 32
+    }
+
+    /// A candidate must score strictly below this to matter. Candidates arrive in
+    /// increasing id order within a scan, so an equal score would lose the tie.
+    #[inline]
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    #[inline]
+    pub fn push(&mut self, score: f32, id: u32) {
+        if score < self.threshold {
+            self.buffer.push((score, id));
+            if self.buffer.len() == Self::capacity(self.k) {
+                self.compact();
+            }
+        }
+    }
+
+    fn compact(&mut self) {
+        if self.buffer.len() > self.k {
+            self.buffer
+                .select_nth_unstable_by(self.k - 1, by_score_then_id);
+            self.buffer.truncate(self.k);
+            self.threshold = self.buffer[self.k - 1].0;
+        }
+    }
+
+    /// The best k, sorted by (score, id).
+    pub fn into_sorted(mut self) -> Vec<(f32, u32)> {
+        self.compact();
+        self.buffer.sort_unstable_by(by_score_then_id);
+        self.buffer
+    }
+}
+
+/// The `(ids, sqdist)` of a top-K call, row-major `n_queries x k`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Neighbours {
+    pub k: usize,
+    pub ids: Vec<i64>,
+    pub sqdist: Vec<f32>,
+}
+
+/// How queries and items are cut into tasks.
+struct Plan {
+    chunk: usize,
+    n_chunks: usize,
+    splits: usize,
+    serial: bool,
+}
+
+fn plan(n_queries: usize, n_items: usize, dim: usize, mr: usize, num_threads: usize) -> Plan {
+    let threads = parallel::resolve_threads(num_threads);
+    let serial = threads == 1 || n_queries * n_items * dim < SERIAL_FLOPS;
+    let target_tasks = if serial { 1 } else { 4 * threads };
+    let chunk = n_queries.div_ceil(target_tasks).div_ceil(mr).clamp(1, 256) * mr;
+    let n_chunks = n_queries.div_ceil(chunk).max(1);
+    let splits = if serial || n_chunks >= 2 * threads {
+        1
+    } else {
+        (2 * threads)
+            .div_ceil(n_chunks)
+            .min((n_items / MIN_SPLIT_ITEMS).max(1))
+    };
+    Plan {
+        chunk,
+        n_chunks,
+        splits,
+        serial,
+    }
+}
+
+fn split_range(n: usize, parts: usize, part: usize) -> Range<usize> {
+    (n * part / parts)..(n * (part + 1) / parts)
+}
+
+/// The best `k` candidates of each query in `query_range` among `item_range`,
+/// by score, skipping excluded items.
+fn scan(
+    kernel: &Kernel,
+    queries: Vectors,
+    query_range: Range<usize>,
+    items: Vectors,
+    item_range: Range<usize>,
+    k: usize,
+    exclude: Option<&Csr>,
+) -> Vec<Vec<(f32, u32)>> {
+    let (mr, nr, dim) = (kernel.mr, kernel.nr, queries.dim);
+    let n_local = query_range.len();
+    let mut tops: Vec<TopK> = (0..n_local).map(|_| TopK::new(k)).collect();
+    let mut packed_queries = Vec::new();
+    kernel::pack_panels(
+        queries.data,
+        dim,
+        query_range.clone(),
+        mr,
+        &mut packed_queries,
+    );
+    let (mut packed_items, mut norms) = (Vec::new(), Vec::new());
+    let mut thresholds = [f32::NEG_INFINITY; MAX_MR];
+    let mut scores = [0f32; MAX_TILE];
+    let mut masks = [0u64; MAX_MR];
+
+    let mut block_start = item_range.start;
+    while block_start < item_range.end {
+        let block = block_start..(block_start + BLOCK_ITEMS).min(item_range.end);
+        kernel::pack_panels(items.data, dim, block.clone(), nr, &mut packed_items);
+        kernel::padded_norms(items.data, dim, block.clone(), nr, &mut norms);
+        for tile in 0..n_local.div_ceil(mr) {
+            let rows = (tile * mr)..((tile + 1) * mr).min(n_local);
+            for i in 0..mr {
+                thresholds[i] = if i < rows.len() {
+                    tops[tile * mr + i].threshold()
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+            let a = packed_queries[tile * mr * dim..].as_ptr();
+            for panel in 0..block.len().div_ceil(nr) {
+                // SAFETY: the panels were packed for this kernel's MR/NR and `dim`;
+                // the tile buffers hold MAX_MR x MAX_TILE >= MR x NR entries.
+                unsafe {
+                    (kernel.tile)(
+                        dim,
+                        a,
+                        packed_items[panel * nr * dim..].as_ptr(),
+                        norms[panel * nr..].as_ptr(),
+                        thresholds.as_ptr(),
+                        scores.as_mut_ptr(),
+                        masks.as_mut_ptr(),
+                    );
+                }
+                for i in 0..rows.len() {
+                    let mut mask = masks[i];
+                    if mask == 0 {
+                        continue;
+                    }
+                    let local = tile * mr + i;
+                    let query = query_range.start + local;
+                    while mask != 0 {
+                        let j = mask.trailing_zeros() as usize;
+                        mask &= mask - 1;
+                        let item = (block.start + panel * nr + j) as u32;
+                        if exclude.is_some_and(|e| e.contains(query, item)) {
+                            continue;
+                        }
+                        tops[local].push(scores[i * nr + j], item);
+                    }
+                    thresholds[i] = tops[local].threshold();
+                }
+            }
+        }
+        block_start = block.end;
+    }
+    tops.into_iter().map(TopK::into_sorted).collect()
+}
+
+/// Checks the shared arguments of the top-K entry points.
+fn check_exclude(exclude: Option<&Csr>, n_queries: usize, n_items: usize) -> Result<()> {
+    if let Some(e) = exclude {
+        if e.n_rows() != n_queries {
+            return Err(CoreError::invalid(format!(
+                "exclude has {} rows but there are {n_queries} queries; pass one row of excluded item ids per query",
+                e.n_rows()
+            )));
+        }
+        if e.n_cols() > n_items {
+            return Err(CoreError::invalid(format!(
+                "exclude has {} columns but there are only {n_items} items; its columns must be item ids",
+                e.n_cols()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The `k` items nearest to each query (exact), nearest first.
+pub fn topk_l2(
+    queries: Vectors,
+    items: Vectors,
+    k: usize,
+    exclude: Option<&Csr>,
+    num_threads: usize,
+) -> Result<Neighbours> {
+    topk_l2_with(&kernel::best(), queries, items, k, exclude, num_threads)
+}
+
+/// [`topk_l2`] with an explicit micro-kernel (tests compare the variants).
+pub fn topk_l2_with(
+    kernel: &Kernel,
+    queries: Vectors,
+    items: Vectors,
+    k: usize,
+    exclude: Option<&Csr>,
+    num_threads: usize,
+) -> Result<Neighbours> {
+    if queries.dim != items.dim {
+        return Err(CoreError::invalid(format!(
+            "queries have {} columns but items have {}; both must live in the same space",
+            queries.dim, items.dim
+        )));
+    }
+    if k == 0 {
+        return Err(CoreError::invalid("k must be at least 1, got 0"));
+    }
+    let (n_queries, n_items) = (queries.len(), items.len());
+    check_exclude(exclude, n_queries, n_items)?;
+    if n_items > u32::MAX as usize {
+        return Err(CoreError::invalid(format!(
+            "{n_items} items exceed the supported {}",
+            u32::MAX
+        )));
+    }
+    let plan = plan(n_queries, n_items, queries.dim, kernel.mr, num_threads);
+    let n_tasks = plan.n_chunks * plan.splits;
+    let partial = parallel::map_tasks(num_threads, plan.serial, n_tasks, |task| {
+        let (chunk, split) = (task / plan.splits, task % plan.splits);
+        let query_range = (chunk * plan.chunk)..((chunk + 1) * plan.chunk).min(n_queries);
+        let item_range = split_range(n_items, plan.splits, split);
+        scan(kernel, queries, query_range, items, item_range, k, exclude)
+    });
+
+    let mut ids = vec![-1i64; n_queries * k];
+    let mut sqdist = vec![f32::INFINITY; n_queries * k];
+    let mut rows: Vec<(&mut [i64], &mut [f32])> =
+        ids.chunks_mut(k).zip(sqdist.chunks_mut(k)).collect();
+    parallel::for_each_chunk_mut(
+        num_threads,
+        plan.serial,
+        &mut rows,
+        plan.chunk,
+        |chunk, rows| {
+            for (local, (row_ids, row_dist)) in rows.iter_mut().enumerate() {
+                let query = chunk * plan.chunk + local;
+                let mut candidates: Vec<(f32, u32)> = (0..plan.splits)
+                    .flat_map(|split| partial[chunk * plan.splits + split][local].iter().copied())
+                    .collect();
+                if plan.splits > 1 && candidates.len() > k {
+                    candidates.select_nth_unstable_by(k - 1, by_score_then_id);
+                    candidates.truncate(k);
+                }
+                let q = queries.row(query);
+                let mut exact: Vec<(f32, u32)> = candidates
+                    .into_iter()
+                    .map(|(_, id)| (kernel::sq_dist(q, items.row(id as usize)), id))
+                    .collect();
+                exact.sort_unstable_by(by_score_then_id);
+                for (slot, (d, id)) in exact.into_iter().enumerate() {
+                    row_ids[slot] = id as i64;
+                    row_dist[slot] = d;
+                }
+            }
+        },
+    );
+    drop(rows);
+    Ok(Neighbours { k, ids, sqdist })
+}
+
+/// All squared distances, row-major `n_queries x n_items` (the batched distance
+/// kernel; memory is the caller's choice here).
+pub fn sqdist_matrix(queries: Vectors, items: Vectors, num_threads: usize) -> Result<Vec<f32>> {
+    if queries.dim != items.dim {
+        return Err(CoreError::invalid(format!(
+            "queries have {} columns but items have {}; both must live in the same space",
+            queries.dim, items.dim
+        )));
+    }
+    let kernel = kernel::best();
+    let (n_queries, n_items, dim) = (queries.len(), items.len(), queries.dim);
+    let (mr, nr) = (kernel.mr, kernel.nr);
+    let plan = plan(n_queries, n_items, dim, mr, num_threads);
+    let mut out = vec![0f32; n_queries * n_items];
+    if out.is_empty() {
+        return Ok(out);
+    }
+    parallel::for_each_chunk_mut(
+        num_threads,
+        plan.serial,
+        &mut out,
+        plan.chunk * n_items,
+        |chunk, out| {
+            let query_range = (chunk * plan.chunk)..((chunk + 1) * plan.chunk).min(n_queries);
+            let query_norms: Vec<f32> = query_range
+                .clone()
+                .map(|q| kernel::sq_norm(queries.row(q)))
+                .collect();
+            let mut packed_queries = Vec::new();
+            kernel::pack_panels(
+                queries.data,
+                dim,
+                query_range.clone(),
+                mr,
+                &mut packed_queries,
+            );
+            let (mut packed_items, mut norms) = (Vec::new(), Vec::new());
+            let thresholds = [f32::NEG_INFINITY; MAX_MR];
+            let mut scores = [0f32; MAX_TILE];
+            let mut masks = [0u64; MAX_MR];
+            let mut block_start = 0;
+            while block_start < n_items {
+                let block = block_start..(block_start + BLOCK_ITEMS).min(n_items);
+                kernel::pack_panels(items.data, dim, block.clone(), nr, &mut packed_items);
+                kernel::padded_norms(items.data, dim, block.clone(), nr, &mut norms);
+                for tile in 0..query_range.len().div_ceil(mr) {
+                    for panel in 0..block.len().div_ceil(nr) {
+                        // SAFETY: as in `scan`.
+                        unsafe {
+                            (kernel.tile)(
+                                dim,
+                                packed_queries[tile * mr * dim..].as_ptr(),
+                                packed_items[panel * nr * dim..].as_ptr(),
+                                norms[panel * nr..].as_ptr(),
+                                thresholds.as_ptr(),
+                                scores.as_mut_ptr(),
+                                masks.as_mut_ptr(),
+                            );
+                        }
+                        for i in 0..mr.min(query_range.len() - tile * mr) {
+                            let local = tile * mr + i;
+                            let first = block.start + panel * nr;
+                            let width = nr.min(block.end - first);
+                            let row =
+                                &mut out[local * n_items + first..local * n_items + first + width];
+                            for (j, d) in row.iter_mut().enumerate() {
+                                *d = (query_norms[local] + scores[i * nr + j]).max(0.0);
+                            }
+                        }
+                    }
+                }
+                block_start = block.end;
+            }
+        },
+    );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng::stream(seed, 0, &[]);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    fn naive(
+        queries: Vectors,
+        items: Vectors,
+        k: usize,
+        exclude: Option<&Csr>,
+    ) -> Vec<Vec<(f64, u32)>> {
+        (0..queries.len())
+            .map(|q| {
+                let mut all: Vec<(f64, u32)> = (0..items.len())
+                    .filter(|&j| !exclude.is_some_and(|e| e.contains(q, j as u32)))
+                    .map(|j| {
+                        let d: f64 = queries
+                            .row(q)
+                            .iter()
+                            .zip(items.row(j))
+                            .map(|(a, b)| ((a - b) as f64).powi(2))
+                            .sum();
+                        (d, j as u32)
+                    })
+                    .collect();
+                all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                all.truncate(k);
+                all
+            })
+            .collect()
+    }
+
+    #[test]
+    fn topk_equals_naive_with_exclusion_and_padding() {
+        let dim = 19;
+        let (nq, ni) = (23, 300);
+        let q = random(nq * dim, 1);
+        let x = random(ni * dim, 2);
+        let (queries, items) = (
+            Vectors::new(&q, dim).unwrap(),
+            Vectors::new(&x, dim).unwrap(),
+        );
+        let rows: Vec<Vec<u32>> = (0..nq)
+            .map(|r| (0..ni as u32).filter(|j| (j + r as u32) % 3 == 0).collect())
+            .collect();
+        let exclude = Csr::from_rows(ni, &rows).unwrap();
+        for kernel in [kernel::best(), kernel::scalar()] {
+            for threads in [1, 3] {
+                for k in [1, 10, 250] {
+                    let got =
+                        topk_l2_with(&kernel, queries, items, k, Some(&exclude), threads).unwrap();
+                    let want = naive(queries, items, k, Some(&exclude));
+                    for qi in 0..nq {
+                        for slot in 0..k {
+                            let (id, d) = (got.ids[qi * k + slot], got.sqdist[qi * k + slot]);
+                            match want[qi].get(slot) {
+                                Some(&(wd, wid)) => {
+                                    assert_eq!(id, wid as i64, "{} q{qi} slot{slot}", kernel.name);
+                                    assert!((d as f64 - wd).abs() < 1e-4 * wd.max(1.0));
+                                }
+                                None => {
+                                    assert_eq!(id, -1);
+                                    assert_eq!(d, f32::INFINITY);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_items_give_the_same_answer() {
+        let dim = 8;
+        let q = random(3 * dim, 3);
+        let x = random(20_000 * dim, 4);
+        let (queries, items) = (
+            Vectors::new(&q, dim).unwrap(),
+            Vectors::new(&x, dim).unwrap(),
+        );
+        let one = topk_l2(queries, items, 7, None, 1).unwrap();
+        let many = topk_l2(queries, items, 7, None, 8).unwrap();
+        assert_eq!(one, many);
+    }
+
+    #[test]
+    fn sqdist_matrix_equals_naive() {
+        let dim = 5;
+        let q = random(13 * dim, 5);
+        let x = random(70 * dim, 6);
+        let (queries, items) = (
+            Vectors::new(&q, dim).unwrap(),
+            Vectors::new(&x, dim).unwrap(),
+        );
+        let d = sqdist_matrix(queries, items, 2).unwrap();
+        for i in 0..13 {
+            for j in 0..70 {
+                let want = kernel::sq_dist(queries.row(i), items.row(j));
+                assert!((d[i * 70 + j] - want).abs() < 1e-4, "{i} {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        let q = [0f32; 4];
+        let x = [0f32; 6];
+        let queries = Vectors::new(&q, 2).unwrap();
+        let items3 = Vectors::new(&x, 3).unwrap();
+        assert!(topk_l2(queries, items3, 1, None, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("same space"));
+        let items2 = Vectors::new(&x, 2).unwrap();
+        assert!(topk_l2(queries, items2, 0, None, 1).is_err());
+        let wrong_rows = Csr::from_rows(3, &[vec![0]]).unwrap();
+        assert!(topk_l2(queries, items2, 1, Some(&wrong_rows), 1)
+            .unwrap_err()
+            .to_string()
+            .contains("one row of excluded"));
+        assert!(Vectors::new(&x, 4).is_err());
+        let nan = [0.0, f32::NAN, 1.0, 2.0];
+        let err = Vectors::new(&nan, 2)
+            .unwrap()
+            .check_finite("queries")
+            .unwrap_err();
+        assert!(err.to_string().contains("queries[0, 1] is NaN"), "{err}");
+        assert!(Vectors::new(&x, 0).is_err());
+    }
+}
