@@ -8,15 +8,15 @@ values (NaN, id ranges) once, with the GIL released.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-CsrArrays = Tuple[np.ndarray, np.ndarray, int]
+CsrArrays = tuple[np.ndarray, np.ndarray, int]
 
 
-def as_vectors(x: Any, name: str, dim: Optional[int] = None) -> np.ndarray:
+def as_vectors(x: Any, name: str, dim: int | None = None) -> np.ndarray:
     """`x` as a C-contiguous float32 (n, d) array; float64 and ints are converted."""
     if sp.issparse(x):
         raise TypeError(f"{name} must be a dense array of vectors, got a scipy sparse matrix")
@@ -31,13 +31,11 @@ def as_vectors(x: Any, name: str, dim: Optional[int] = None) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n, d), got shape {array.shape}")
     if dim is not None and array.shape[1] != dim:
-        raise ValueError(
-            f"{name} must have {dim} columns (the vector dimension), got {array.shape[1]}"
-        )
+        raise ValueError(f"{name} must have {dim} columns (the vector dimension), got {array.shape[1]}")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def as_queries(x: Any, name: str = "queries", dim: Optional[int] = None) -> Tuple[np.ndarray, bool]:
+def as_queries(x: Any, name: str = "queries", dim: int | None = None) -> tuple[np.ndarray, bool]:
     """Queries as a (Q, d) float32 array, and whether a single 1-D query was given."""
     array = np.asarray(x) if not sp.issparse(x) else x
     single = getattr(array, "ndim", 0) == 1
@@ -46,7 +44,7 @@ def as_queries(x: Any, name: str = "queries", dim: Optional[int] = None) -> Tupl
     return as_vectors(array, name, dim), single
 
 
-def as_csr(matrix: Any, name: str, n_rows: Optional[int] = None, n_cols: Optional[int] = None) -> sp.csr_matrix:
+def as_csr(matrix: Any, name: str, n_rows: int | None = None, n_cols: int | None = None) -> sp.csr_matrix:
     """`matrix` as scipy CSR: other sparse formats are converted with a warning,
     dense 2-D arrays are rejected (an implicit-feedback matrix is sparse)."""
     if not sp.issparse(matrix):

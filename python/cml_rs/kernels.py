@@ -6,7 +6,7 @@ cores); results do not depend on the thread count.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from ._checks import as_csr, as_queries, as_vectors, check_num_threads, check_po
 
 def rank_weights(
     pos_dist: Any, neg_dist: Any, margin: float, n_items: int, num_threads: int = 0
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """WARP rank weights and hardest negatives of CML's metric loss.
 
     For each pair b, with ``M`` the number of negatives u where
@@ -53,9 +53,9 @@ def topk_l2(
     queries: Any,
     items: Any,
     k: int,
-    exclude: Optional[Any] = None,
+    exclude: Any | None = None,
     num_threads: int = 0,
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest items of each query by squared Euclidean distance.
 
     Parameters

@@ -11,14 +11,15 @@ Plug it into any torch loop::
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from . import _native
 from ._checks import as_csr, check_num_threads, check_positive_int
 
-Batch = Tuple[np.ndarray, np.ndarray, np.ndarray]
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class WarpSampler:

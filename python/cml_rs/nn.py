@@ -1,0 +1,183 @@
+"""The torch side of CML: the embedding module and the loss terms (SPEC sections 1-2).
+
+For people with their own training loop::
+
+    from cml_rs import WarpSampler, nn
+
+    model = nn.CMLEmbedding(n_users, n_items, dim=100)
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    for users, positives, negatives in WarpSampler(train, batch_size=4096):
+        users, positives, negatives = map(torch.from_numpy, (users, positives, negatives))
+        pos_dist, neg_dist = model.distances(users, positives, negatives)
+        loss = nn.warp_metric_loss(pos_dist, neg_dist, margin=0.5, n_items=n_items)
+        loss = loss + 10.0 * nn.covariance_loss(model.all_vectors())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.clip_to_ball()
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _native
+
+__all__ = [
+    "CMLEmbedding",
+    "FeatureProjector",
+    "clip_rows",
+    "covariance_loss",
+    "feature_loss",
+    "rank_weights_torch",
+    "warp_metric_loss",
+]
+
+
+class CMLEmbedding(torch.nn.Module):
+    """User and item vectors in one Euclidean space, each kept inside a ball.
+
+    Vectors start as N(0, 1/sqrt(dim)) per coordinate (row norms near 1) and
+    are clipped to ``max_norm`` at once and after every optimiser step
+    (:meth:`clip_to_ball`).
+    """
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int = 100,
+        max_norm: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.max_norm = float(max_norm)
+        scale = 1.0 / math.sqrt(dim)
+        self.users = torch.nn.Parameter(torch.randn(n_users, dim, generator=generator) * scale)
+        self.items = torch.nn.Parameter(torch.randn(n_items, dim, generator=generator) * scale)
+        self.clip_to_ball()
+
+    @property
+    def dim(self) -> int:
+        return int(self.users.shape[1])
+
+    def distances(self, users: Tensor, positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
+        """Squared distances user-positive (B,) and user-negatives (B, U)."""
+        u = self.users[users]
+        pos_dist = (u - self.items[positives]).pow(2).sum(-1)
+        neg_dist = (u.unsqueeze(1) - self.items[negatives]).pow(2).sum(-1)
+        return pos_dist, neg_dist
+
+    def all_vectors(self) -> Tensor:
+        """Users and items stacked, the rows the covariance term is taken over."""
+        return torch.cat([self.users, self.items], dim=0)
+
+    @torch.no_grad()
+    def clip_to_ball(self) -> None:
+        """y <- y * max_norm / max(||y||, max_norm) for every row."""
+        for weight in (self.users, self.items):
+            weight.copy_(clip_rows(weight, self.max_norm))
+
+
+def clip_rows(vectors: Tensor, max_norm: float) -> Tensor:
+    """Rows scaled into the ball of radius ``max_norm`` (differentiable)."""
+    norms = vectors.norm(dim=-1, keepdim=True).clamp_min(max_norm)
+    return vectors * (max_norm / norms)
+
+
+@torch.no_grad()
+def rank_weights_torch(
+    pos_dist: Tensor, neg_dist: Tensor, margin: float, n_items: int
+) -> tuple[Tensor, Tensor]:
+    """WARP rank weights and hardest negatives on any device (same as :func:`cml_rs.rank_weights`).
+
+    ``w = log(floor(n_items * M / U) + 1)`` with M the negatives inside the
+    margin; ``hardest`` indexes the negative with the largest hinge.
+    """
+    n_negatives = neg_dist.shape[1]
+    impostors = ((margin + pos_dist).unsqueeze(1) - neg_dist > 0).sum(dim=1)
+    rank = torch.div(impostors * n_items, n_negatives, rounding_mode="floor")
+    weights = torch.log((rank + 1).to(torch.float64)).to(neg_dist.dtype)
+    return weights, neg_dist.argmin(dim=1)
+
+
+def _rank_weights(pos_dist: Tensor, neg_dist: Tensor, margin: float, n_items: int) -> tuple[Tensor, Tensor]:
+    """Rank weights from the native kernel on CPU, from torch elsewhere."""
+    if pos_dist.device.type != "cpu" or pos_dist.dtype != torch.float32:
+        return rank_weights_torch(pos_dist, neg_dist, margin, n_items)
+    weights, hardest = _native.rank_weights(
+        np.ascontiguousarray(pos_dist.detach().numpy()),
+        np.ascontiguousarray(neg_dist.detach().numpy()),
+        float(margin),
+        int(n_items),
+    )
+    return torch.from_numpy(weights), torch.from_numpy(hardest)
+
+
+def warp_metric_loss(
+    pos_dist: Tensor,
+    neg_dist: Tensor,
+    margin: float,
+    n_items: int,
+    hardest_only: bool = True,
+    rank_weighted: bool = True,
+) -> Tensor:
+    """CML's metric loss L_m summed over the batch (SPEC section 2).
+
+    Each pair contributes ``w * max(0, max_u (margin + d(i,j)^2 - d(i,k_u)^2))``
+    with the WARP weight ``w`` (no gradient through it). With
+    ``hardest_only=False`` every impostor counts, each weighted by ``w / M``;
+    with ``rank_weighted=False``, ``w = 1``.
+    """
+    hinge = (margin + pos_dist).unsqueeze(1) - neg_dist
+    weights, hardest = _rank_weights(pos_dist, neg_dist, margin, n_items)
+    if hardest_only:
+        pair_loss = torch.relu(hinge.gather(1, hardest.unsqueeze(1)).squeeze(1))
+    else:
+        impostors = (hinge > 0).sum(dim=1).clamp_min(1)
+        pair_loss = torch.relu(hinge).sum(dim=1) / impostors
+    if rank_weighted:
+        pair_loss = pair_loss * weights.to(pair_loss.device)
+    return pair_loss.sum()
+
+
+def covariance_loss(vectors: Tensor) -> Tensor:
+    """Sum of squared off-diagonal entries of the covariance of ``vectors``' columns.
+
+    C = X_c^T X_c / N with X_c mean-centred; penalising C_ab^2 (a != b)
+    decorrelates the dimensions. (The reference code summed the signed entries,
+    which rewards negative correlation; SPEC section 2 says why that is wrong.)
+    """
+    centred = vectors - vectors.mean(dim=0, keepdim=True)
+    cov = centred.T @ centred / vectors.shape[0]
+    return cov.pow(2).sum() - cov.diagonal().pow(2).sum()
+
+
+class FeatureProjector(torch.nn.Module):
+    """f(x): item features -> 256 ReLU -> dim, dropout 0.5, output clipped to the ball (CML+F)."""
+
+    def __init__(
+        self, n_features: int, dim: int, hidden: int = 256, dropout: float = 0.5, max_norm: float = 1.0
+    ):
+        super().__init__()
+        self.hidden = torch.nn.Linear(n_features, hidden)
+        self.output = torch.nn.Linear(hidden, dim)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.max_norm = float(max_norm)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``features`` dense (n, F) or a torch sparse CSR/COO tensor."""
+        if features.is_sparse or features.layout == torch.sparse_csr:
+            hidden = torch.sparse.mm(features, self.hidden.weight.T) + self.hidden.bias
+        else:
+            hidden = self.hidden(features)
+        return clip_rows(self.output(self.dropout(torch.relu(hidden))), self.max_norm)
+
+
+def feature_loss(projected: Tensor, item_vectors: Tensor) -> Tensor:
+    """L_f = sum_j ||f(x_j) - v_j||^2."""
+    return (projected - item_vectors).pow(2).sum()
