@@ -1,6 +1,5 @@
 """Type stubs of the native module (checked against the build by mypy.stubtest)."""
 
-
 from typing import final
 
 import numpy as np

@@ -72,6 +72,34 @@ class CMLEmbedding(torch.nn.Module):
         neg_dist = (u.unsqueeze(1) - self.items[negatives]).pow(2).sum(-1)
         return pos_dist, neg_dist
 
+    def warp_loss(
+        self,
+        users: Tensor,
+        positives: Tensor,
+        negatives: Tensor,
+        margin: float,
+        n_items: int,
+        hardest_only: bool = True,
+        rank_weighted: bool = True,
+    ) -> Tensor:
+        """:func:`warp_metric_loss` of a batch, computed cheaply.
+
+        Distances to all U negatives are needed only to count impostors and
+        find the hardest, so they are computed without autograd; the hardest
+        negative's distance is then recomputed with it. The value and the
+        gradients equal ``warp_metric_loss(*self.distances(...))``.
+        """
+        if not hardest_only:
+            return warp_metric_loss(*self.distances(users, positives, negatives), margin, n_items, False, rank_weighted)
+        u = self.users[users]
+        pos_dist = (u - self.items[positives]).pow(2).sum(-1)
+        with torch.no_grad():
+            neg_dist = (u.unsqueeze(1) - self.items[negatives]).pow(2).sum(-1)
+        weights, hardest = _rank_weights(pos_dist.detach(), neg_dist, margin, n_items)
+        chosen = negatives.gather(1, hardest.to(negatives.device).unsqueeze(1)).squeeze(1)
+        hardest_dist = (u - self.items[chosen]).pow(2).sum(-1)
+        return _weighted_sum(torch.relu(margin + pos_dist - hardest_dist), weights, rank_weighted)
+
     def all_vectors(self) -> Tensor:
         """Users and items stacked, the rows the covariance term is taken over."""
         return torch.cat([self.users, self.items], dim=0)
@@ -110,8 +138,8 @@ def _rank_weights(pos_dist: Tensor, neg_dist: Tensor, margin: float, n_items: in
     if pos_dist.device.type != "cpu" or pos_dist.dtype != torch.float32:
         return rank_weights_torch(pos_dist, neg_dist, margin, n_items)
     weights, hardest = _native.rank_weights(
-        np.ascontiguousarray(pos_dist.detach().numpy()),
-        np.ascontiguousarray(neg_dist.detach().numpy()),
+        np.ascontiguousarray(pos_dist.numpy()),
+        np.ascontiguousarray(neg_dist.numpy()),
         float(margin),
         int(n_items),
     )
@@ -134,12 +162,16 @@ def warp_metric_loss(
     with ``rank_weighted=False``, ``w = 1``.
     """
     hinge = (margin + pos_dist).unsqueeze(1) - neg_dist
-    weights, hardest = _rank_weights(pos_dist, neg_dist, margin, n_items)
+    weights, hardest = _rank_weights(pos_dist.detach(), neg_dist.detach(), margin, n_items)
     if hardest_only:
-        pair_loss = torch.relu(hinge.gather(1, hardest.unsqueeze(1)).squeeze(1))
+        pair_loss = torch.relu(hinge.gather(1, hardest.to(hinge.device).unsqueeze(1)).squeeze(1))
     else:
         impostors = (hinge > 0).sum(dim=1).clamp_min(1)
         pair_loss = torch.relu(hinge).sum(dim=1) / impostors
+    return _weighted_sum(pair_loss, weights, rank_weighted)
+
+
+def _weighted_sum(pair_loss: Tensor, weights: Tensor, rank_weighted: bool) -> Tensor:
     if rank_weighted:
         pair_loss = pair_loss * weights.to(pair_loss.device)
     return pair_loss.sum()

@@ -175,8 +175,9 @@ pub enum RowPart {
     Ids,
 }
 
+/// Hints the CPU to start loading `value`'s cache line.
 #[inline(always)]
-fn prefetch<T>(value: &T) {
+pub fn prefetch<T>(value: &T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetching is a hint; any address is allowed, and this one is valid.
     unsafe {

@@ -3,29 +3,33 @@
 //! ||q - x||^2 = ||q||^2 + ||x||^2 - 2 q.x, and ||q||^2 does not change which
 //! items are nearest to q, so the kernels rank items by the *score*
 //! `||x||^2 - 2 q.x` and add ||q||^2 back only for reported distances.
-//! A micro-kernel computes an MR x NR tile of scores (MR queries, NR items)
-//! from packed panels (k-major: `a[p * MR + i]`, `b[p * NR + j]`) with all
-//! accumulators in registers, then compares each row with that query's current
-//! top-K threshold and returns a bitmask of the entries that beat it. The
-//! caller touches only those, so selection costs almost nothing once the
-//! thresholds settle. Items are padded to NR with norm +inf (never selected),
-//! queries to MR with threshold -inf (never selected).
+//! A micro-kernel computes an MR x NR tile of scores (MR items, NR queries)
+//! with all accumulators in registers. Items are read straight from the
+//! caller's row-major matrix (one scalar broadcast per item and dimension), so
+//! the item side, the big one, is streamed once and never repacked; queries
+//! are packed k-major into panels of NR (`b[p * NR + j]`). Each item row of the
+//! tile is then compared with the NR queries' current top-K thresholds, and
+//! the kernel returns per item a bitmask of the queries it beats. The caller
+//! touches only those, so selection costs almost nothing once the thresholds
+//! settle. A partial item tile is padded with zero rows of norm +inf (never
+//! selected); padded query lanes get threshold -inf (never selected).
 //!
 //! Three variants, picked once at run time: AVX-512F (8 x 32), AVX2+FMA
-//! (6 x 16) and portable scalar code (4 x 8). Each variant accumulates over the
+//! (6 x 16) and portable scalar code (4 x 8). Each accumulates over the
 //! dimension in the same order for every tile, so a score never depends on
 //! where its tile fell: results are identical for any split of the work.
 
-/// Computes one tile: `scores[i * NR + j] = norms[j] - 2 * sum_p a[p*MR+i] * b[p*NR+j]`
-/// and `masks[i]` = bit j set where `scores[i * NR + j] < thresholds[i]`.
+/// Computes one tile: `scores[i * NR + j] = norms[i] - 2 * sum_p items[i * dim + p] * queries[p * NR + j]`
+/// and `masks[i]` = bit j set where `scores[i * NR + j] < thresholds[j]`.
 ///
 /// # Safety
-/// `a` must hold `dim * MR` floats, `b` `dim * NR`, `norms` NR, `thresholds` MR,
-/// `scores` MR * NR and `masks` MR; the CPU must support the variant's features.
+/// `items` must hold `MR * dim` floats (row-major), `queries` `dim * NR`,
+/// `norms` MR, `thresholds` NR, `scores` MR * NR and `masks` MR; the CPU must
+/// support the variant's features.
 pub type TileFn = unsafe fn(
     dim: usize,
-    a: *const f32,
-    b: *const f32,
+    items: *const f32,
+    queries: *const f32,
     norms: *const f32,
     thresholds: *const f32,
     scores: *mut f32,
@@ -43,7 +47,8 @@ pub struct Kernel {
 
 /// Largest tile over all variants, for stack buffers.
 pub const MAX_MR: usize = 8;
-pub const MAX_TILE: usize = 8 * 32;
+pub const MAX_NR: usize = 32;
+pub const MAX_TILE: usize = MAX_MR * MAX_NR;
 
 /// The fastest kernel this CPU supports.
 pub fn best() -> Kernel {
@@ -82,8 +87,8 @@ pub fn scalar() -> Kernel {
 
 unsafe fn tile_scalar(
     dim: usize,
-    a: *const f32,
-    b: *const f32,
+    items: *const f32,
+    queries: *const f32,
     norms: *const f32,
     thresholds: *const f32,
     scores: *mut f32,
@@ -93,21 +98,21 @@ unsafe fn tile_scalar(
     const NR: usize = 8;
     let mut acc = [[0f32; NR]; MR];
     for p in 0..dim {
-        let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
+        let qp = std::slice::from_raw_parts(queries.add(p * NR), NR);
         for (i, row) in acc.iter_mut().enumerate() {
-            let av = *a.add(p * MR + i);
-            for (c, &bv) in row.iter_mut().zip(bp) {
-                *c += av * bv;
+            let x = *items.add(i * dim + p);
+            for (c, &q) in row.iter_mut().zip(qp) {
+                *c += x * q;
             }
         }
     }
     for (i, row) in acc.iter().enumerate() {
-        let threshold = *thresholds.add(i);
+        let norm = *norms.add(i);
         let mut mask = 0u64;
         for (j, &dot) in row.iter().enumerate() {
-            let s = *norms.add(j) - 2.0 * dot;
+            let s = norm - 2.0 * dot;
             *scores.add(i * NR + j) = s;
-            mask |= ((s < threshold) as u64) << j;
+            mask |= ((s < *thresholds.add(j)) as u64) << j;
         }
         *masks.add(i) = mask;
     }
@@ -120,8 +125,8 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_avx512(
         dim: usize,
-        a: *const f32,
-        b: *const f32,
+        items: *const f32,
+        queries: *const f32,
         norms: *const f32,
         thresholds: *const f32,
         scores: *mut f32,
@@ -131,25 +136,25 @@ mod x86 {
         const NR: usize = 32;
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for p in 0..dim {
-            let b0 = _mm512_loadu_ps(b.add(p * NR));
-            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            let q0 = _mm512_loadu_ps(queries.add(p * NR));
+            let q1 = _mm512_loadu_ps(queries.add(p * NR + 16));
             for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(p * MR + i));
-                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                let x = _mm512_set1_ps(*items.add(i * dim + p));
+                row[0] = _mm512_fmadd_ps(x, q0, row[0]);
+                row[1] = _mm512_fmadd_ps(x, q1, row[1]);
             }
         }
         let minus_two = _mm512_set1_ps(-2.0);
-        let n0 = _mm512_loadu_ps(norms);
-        let n1 = _mm512_loadu_ps(norms.add(16));
+        let t0 = _mm512_loadu_ps(thresholds);
+        let t1 = _mm512_loadu_ps(thresholds.add(16));
         for (i, row) in acc.iter().enumerate() {
-            let s0 = _mm512_fmadd_ps(row[0], minus_two, n0);
-            let s1 = _mm512_fmadd_ps(row[1], minus_two, n1);
+            let norm = _mm512_set1_ps(*norms.add(i));
+            let s0 = _mm512_fmadd_ps(row[0], minus_two, norm);
+            let s1 = _mm512_fmadd_ps(row[1], minus_two, norm);
             _mm512_storeu_ps(scores.add(i * NR), s0);
             _mm512_storeu_ps(scores.add(i * NR + 16), s1);
-            let t = _mm512_set1_ps(*thresholds.add(i));
-            let m0 = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(s0, t) as u64;
-            let m1 = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(s1, t) as u64;
+            let m0 = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(s0, t0) as u64;
+            let m1 = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(s1, t1) as u64;
             *masks.add(i) = m0 | (m1 << 16);
         }
     }
@@ -157,8 +162,8 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_avx2(
         dim: usize,
-        a: *const f32,
-        b: *const f32,
+        items: *const f32,
+        queries: *const f32,
         norms: *const f32,
         thresholds: *const f32,
         scores: *mut f32,
@@ -168,25 +173,25 @@ mod x86 {
         const NR: usize = 16;
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for p in 0..dim {
-            let b0 = _mm256_loadu_ps(b.add(p * NR));
-            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            let q0 = _mm256_loadu_ps(queries.add(p * NR));
+            let q1 = _mm256_loadu_ps(queries.add(p * NR + 8));
             for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*a.add(p * MR + i));
-                row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-                row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                let x = _mm256_broadcast_ss(&*items.add(i * dim + p));
+                row[0] = _mm256_fmadd_ps(x, q0, row[0]);
+                row[1] = _mm256_fmadd_ps(x, q1, row[1]);
             }
         }
         let minus_two = _mm256_set1_ps(-2.0);
-        let n0 = _mm256_loadu_ps(norms);
-        let n1 = _mm256_loadu_ps(norms.add(8));
+        let t0 = _mm256_loadu_ps(thresholds);
+        let t1 = _mm256_loadu_ps(thresholds.add(8));
         for (i, row) in acc.iter().enumerate() {
-            let s0 = _mm256_fmadd_ps(row[0], minus_two, n0);
-            let s1 = _mm256_fmadd_ps(row[1], minus_two, n1);
+            let norm = _mm256_set1_ps(*norms.add(i));
+            let s0 = _mm256_fmadd_ps(row[0], minus_two, norm);
+            let s1 = _mm256_fmadd_ps(row[1], minus_two, norm);
             _mm256_storeu_ps(scores.add(i * NR), s0);
             _mm256_storeu_ps(scores.add(i * NR + 8), s1);
-            let t = _mm256_set1_ps(*thresholds.add(i));
-            let m0 = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(s0, t)) as u32 as u64;
-            let m1 = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(s1, t)) as u32 as u64;
+            let m0 = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(s0, t0)) as u32 as u64;
+            let m1 = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(s1, t1)) as u32 as u64;
             *masks.add(i) = m0 | (m1 << 8);
         }
     }
@@ -214,18 +219,34 @@ pub fn pack_panels(
     }
 }
 
-/// Squared norms of rows `rows`, padded with +inf to a multiple of `width`
-/// (padded items must never be selected).
-pub fn padded_norms(
-    data: &[f32],
+/// The item tile starting at row `start`: a pointer into `data` when MR full rows
+/// remain, else a copy padded with zero rows into `pad`; `norms` gets the rows'
+/// squared norms, +inf for padding.
+pub fn item_tile<'a>(
+    data: &'a [f32],
     dim: usize,
-    rows: std::ops::Range<usize>,
-    width: usize,
-    out: &mut Vec<f32>,
-) {
-    out.clear();
-    out.extend(rows.clone().map(|r| sq_norm(&data[r * dim..(r + 1) * dim])));
-    out.resize(rows.len().div_ceil(width) * width, f32::INFINITY);
+    start: usize,
+    end: usize,
+    mr: usize,
+    pad: &'a mut Vec<f32>,
+    norms: &mut [f32],
+) -> &'a [f32] {
+    let rows = (end - start).min(mr);
+    for (i, norm) in norms.iter_mut().enumerate().take(mr) {
+        *norm = if i < rows {
+            sq_norm(&data[(start + i) * dim..(start + i + 1) * dim])
+        } else {
+            f32::INFINITY
+        };
+    }
+    if rows == mr {
+        &data[start * dim..(start + mr) * dim]
+    } else {
+        pad.clear();
+        pad.extend_from_slice(&data[start * dim..end * dim]);
+        pad.resize(mr * dim, 0.0);
+        pad
+    }
 }
 
 /// Squared Euclidean norm, summed in a fixed order.
@@ -256,50 +277,57 @@ mod tests {
         (0..n).map(|_| rng.normal() as f32).collect()
     }
 
-    /// Every available kernel equals the naive formula on a random tile.
+    /// Every available kernel equals the naive formula on a random tile,
+    /// including a partial (padded) item tile.
     #[test]
     fn kernels_match_naive_scores() {
         let dim = 37;
         for kernel in [best(), scalar()] {
             let (mr, nr) = (kernel.mr, kernel.nr);
-            let q = random(mr * dim, 1);
-            let x = random(nr * dim, 2);
-            let (mut a, mut b, mut norms) = (Vec::new(), Vec::new(), Vec::new());
-            pack_panels(&q, dim, 0..mr, mr, &mut a);
-            pack_panels(&x, dim, 0..nr, nr, &mut b);
-            padded_norms(&x, dim, 0..nr, nr, &mut norms);
-            let thresholds: Vec<f32> = (0..mr).map(|i| i as f32 - 2.0).collect();
-            let mut scores = vec![0f32; mr * nr];
-            let mut masks = vec![0u64; mr];
-            unsafe {
-                (kernel.tile)(
-                    dim,
-                    a.as_ptr(),
-                    b.as_ptr(),
-                    norms.as_ptr(),
-                    thresholds.as_ptr(),
-                    scores.as_mut_ptr(),
-                    masks.as_mut_ptr(),
-                );
-            }
-            for i in 0..mr {
-                for j in 0..nr {
-                    let dot: f64 = (0..dim)
-                        .map(|p| q[i * dim + p] as f64 * x[j * dim + p] as f64)
-                        .sum();
-                    let want = norms[j] as f64 - 2.0 * dot;
-                    let got = scores[i * nr + j];
-                    assert!(
-                        (got as f64 - want).abs() < 1e-3,
-                        "{} {i} {j}: {got} vs {want}",
-                        kernel.name
+            let x = random(mr * dim, 2);
+            let q = random(nr * dim, 1);
+            let mut packed = Vec::new();
+            pack_panels(&q, dim, 0..nr, nr, &mut packed);
+            let thresholds: Vec<f32> = (0..nr).map(|j| j as f32 - 2.0).collect();
+            for rows in [mr, mr - 1] {
+                let (mut pad, mut norms) = (Vec::new(), vec![0f32; mr]);
+                let tile = item_tile(&x, dim, 0, rows, mr, &mut pad, &mut norms);
+                let mut scores = vec![0f32; mr * nr];
+                let mut masks = vec![0u64; mr];
+                unsafe {
+                    (kernel.tile)(
+                        dim,
+                        tile.as_ptr(),
+                        packed.as_ptr(),
+                        norms.as_ptr(),
+                        thresholds.as_ptr(),
+                        scores.as_mut_ptr(),
+                        masks.as_mut_ptr(),
                     );
-                    assert_eq!(
-                        masks[i] >> j & 1 == 1,
-                        got < thresholds[i],
-                        "{}",
-                        kernel.name
-                    );
+                }
+                for i in 0..mr {
+                    for j in 0..nr {
+                        let got = scores[i * nr + j];
+                        if i >= rows {
+                            assert_eq!(masks[i], 0, "{} padded row {i}", kernel.name);
+                            continue;
+                        }
+                        let dot: f64 = (0..dim)
+                            .map(|p| x[i * dim + p] as f64 * q[j * dim + p] as f64)
+                            .sum();
+                        let want = norms[i] as f64 - 2.0 * dot;
+                        assert!(
+                            (got as f64 - want).abs() < 1e-3,
+                            "{} {i} {j}: {got} vs {want}",
+                            kernel.name
+                        );
+                        assert_eq!(
+                            masks[i] >> j & 1 == 1,
+                            got < thresholds[j],
+                            "{}",
+                            kernel.name
+                        );
+                    }
                 }
             }
         }

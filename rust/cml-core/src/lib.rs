@@ -8,6 +8,7 @@
 //! - [`sampler`]: the WARP negative sampler with background prefetch.
 //! - [`rank`]: WARP rank weights and hardest negatives.
 //! - [`kernel`], [`topk`]: register-blocked distance kernels and exact top-K.
+//! - [`lsh`]: p-stable LSH index with multi-probe and exact re-ranking.
 //! - [`csr`]: validated sparse rows (positives, exclusions).
 //! - [`rng`], [`parallel`]: seeded streams and thread pools that keep results
 //!   independent of the thread count.
@@ -15,6 +16,7 @@
 pub mod csr;
 pub mod error;
 pub mod kernel;
+pub mod lsh;
 pub mod parallel;
 pub mod rank;
 pub mod rng;

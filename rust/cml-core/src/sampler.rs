@@ -19,7 +19,7 @@
 //! the negatives, spread over the pool. [`BatchStream`] runs this on its own
 //! thread, a bounded number of batches ahead of the consumer.
 
-use crate::csr::{Csr, RowPart};
+use crate::csr::{prefetch, Csr, RowPart};
 use crate::error::{CoreError, Result};
 use crate::parallel;
 use crate::rng::{tag, Rng};
@@ -149,45 +149,45 @@ impl WarpSampler {
         let start = index * self.config.batch_size;
         let end = (start + self.config.batch_size).min(self.n_pairs());
         let pairs = &order[start..end];
-        let users: Vec<i64> = pairs
-            .iter()
-            .map(|&p| self.pair_users[p as usize] as i64)
-            .collect();
-        let positives: Vec<i64> = pairs
-            .iter()
-            .map(|&p| self.positives.indices()[p as usize] as i64)
-            .collect();
         let u = self.config.n_negatives;
+        let (mut users, mut positives) = (vec![0i64; pairs.len()], vec![0i64; pairs.len()]);
         let mut negatives = vec![0i64; pairs.len() * u];
-        let serial = negatives.len() < SERIAL_DRAWS;
-        parallel::for_each_chunk_mut(
-            num_threads,
-            serial,
-            &mut negatives,
-            PAIRS_PER_TASK * u,
-            |task, out| {
-                let first = task * PAIRS_PER_TASK;
-                for (offset, slots) in out.chunks_mut(u).enumerate() {
-                    let local = first + offset;
-                    if self.config.check_negative {
-                        // Users arrive in random order: fetch upcoming rows early.
-                        if let Some(&ahead) = users.get(local + 2 * PREFETCH_AHEAD) {
-                            self.positives
-                                .prefetch_row(ahead as usize, RowPart::Offsets);
-                        }
-                        if let Some(&ahead) = users.get(local + PREFETCH_AHEAD) {
-                            self.positives.prefetch_row(ahead as usize, RowPart::Ids);
-                        }
+        // One work unit per PAIRS_PER_TASK pairs fills its slice of all three outputs.
+        let mut units: Vec<(&mut [i64], &mut [i64], &mut [i64])> = users
+            .chunks_mut(PAIRS_PER_TASK)
+            .zip(positives.chunks_mut(PAIRS_PER_TASK))
+            .zip(negatives.chunks_mut(PAIRS_PER_TASK * u))
+            .map(|((a, b), c)| (a, b, c))
+            .collect();
+        let serial = pairs.len() * u < SERIAL_DRAWS;
+        parallel::for_each_chunk_mut(num_threads, serial, &mut units, 1, |task, unit| {
+            let (unit_users, unit_positives, unit_negatives) = &mut unit[0];
+            let first = task * PAIRS_PER_TASK;
+            let user_of = |local: usize| self.pair_users[pairs[local] as usize] as usize;
+            for (offset, slots) in unit_negatives.chunks_mut(u).enumerate() {
+                let local = first + offset;
+                if self.config.check_negative {
+                    // Pairs arrive in random order: fetch what upcoming pairs need early,
+                    // each stage one step ahead of the load that depends on it.
+                    if local + 3 * PREFETCH_AHEAD < pairs.len() {
+                        prefetch(&self.pair_users[pairs[local + 3 * PREFETCH_AHEAD] as usize]);
                     }
-                    self.draw_negatives(
-                        epoch,
-                        (start + local) as u64,
-                        users[local] as usize,
-                        slots,
-                    );
+                    if local + 2 * PREFETCH_AHEAD < pairs.len() {
+                        self.positives
+                            .prefetch_row(user_of(local + 2 * PREFETCH_AHEAD), RowPart::Offsets);
+                    }
+                    if local + PREFETCH_AHEAD < pairs.len() {
+                        self.positives
+                            .prefetch_row(user_of(local + PREFETCH_AHEAD), RowPart::Ids);
+                    }
                 }
-            },
-        );
+                let user = user_of(local);
+                unit_users[offset] = user as i64;
+                unit_positives[offset] = self.positives.indices()[pairs[local] as usize] as i64;
+                self.draw_negatives(epoch, (start + local) as u64, user, slots);
+            }
+        });
+        drop(units);
         Batch {
             epoch,
             index,

@@ -1,11 +1,11 @@
 //! Exact top-K by squared Euclidean distance, fused with the distance kernel.
 //!
 //! Work is cut into tasks of (a chunk of queries) x (a range of items). A task
-//! packs its queries once, then walks its items in blocks of `BLOCK_ITEMS`:
-//! packs the block (which then sits in L2), and runs the micro-kernel of
-//! [`crate::kernel`] over every (query tile, item panel) pair, pushing only the
-//! entries that beat a query's current threshold into its [`TopK`]. Memory per
-//! task is O(chunk * dim + BLOCK_ITEMS * dim + chunk * k), never O(Q x N).
+//! packs its queries once into panels of NR (they stay in L2), then streams its
+//! items once, MR rows at a time, through the micro-kernel of
+//! [`crate::kernel`] against every query panel, pushing only the entries that
+//! beat a query's current threshold into its [`TopK`]. Memory per task is
+//! O(chunk * (dim + k)), never O(Q x N), and the item matrix is never copied.
 //! With few queries, items are split over tasks too and per-query lists merged.
 //!
 //! Selection uses the score `||x||^2 - 2 q.x`; the K winners then get their
@@ -22,8 +22,6 @@ use crate::parallel;
 use std::cmp::Ordering;
 use std::ops::Range;
 
-/// Items packed per block: 512 x 100 floats = 200 KiB, resident in L2.
-const BLOCK_ITEMS: usize = 512;
 /// Below this many multiply-adds a call runs on the calling thread.
 const SERIAL_FLOPS: usize = 1 << 22;
 /// An item split is never smaller than this.
@@ -159,11 +157,16 @@ struct Plan {
     serial: bool,
 }
 
-fn plan(n_queries: usize, n_items: usize, dim: usize, mr: usize, num_threads: usize) -> Plan {
+fn plan(n_queries: usize, n_items: usize, dim: usize, nr: usize, num_threads: usize) -> Plan {
     let threads = parallel::resolve_threads(num_threads);
     let serial = threads == 1 || n_queries * n_items * dim < SERIAL_FLOPS;
     let target_tasks = if serial { 1 } else { 4 * threads };
-    let chunk = n_queries.div_ceil(target_tasks).div_ceil(mr).clamp(1, 256) * mr;
+    // At most 512 queries (200 KiB of packed queries at dim 100) per task, so they stay in L2.
+    let chunk = n_queries
+        .div_ceil(target_tasks)
+        .div_ceil(nr)
+        .clamp(1, 512 / nr)
+        * nr;
     let n_chunks = n_queries.div_ceil(chunk).max(1);
     let splits = if serial || n_chunks >= 2 * threads {
         1
@@ -177,6 +180,61 @@ fn plan(n_queries: usize, n_items: usize, dim: usize, mr: usize, num_threads: us
         n_chunks,
         splits,
         serial,
+    }
+}
+
+/// Walks `item_range` in tiles of MR items against all query panels of one
+/// task, calling `visit(item_tile_start, panel, scores, masks, thresholds)`
+/// after each kernel call; `visit` may lower the panel's thresholds.
+fn stream_tiles(
+    kernel: &Kernel,
+    items: Vectors,
+    item_range: Range<usize>,
+    packed_queries: &[f32],
+    thresholds: &mut [f32],
+    mut visit: impl FnMut(usize, usize, &[f32], &[u64], &mut [f32]),
+) {
+    let (mr, nr, dim) = (kernel.mr, kernel.nr, items.dim);
+    let n_panels = thresholds.len() / nr;
+    let mut pad = Vec::new();
+    let mut norms = [0f32; MAX_MR];
+    let mut scores = [0f32; MAX_TILE];
+    let mut masks = [0u64; MAX_MR];
+    let mut start = item_range.start;
+    while start < item_range.end {
+        let tile = kernel::item_tile(
+            items.data,
+            dim,
+            start,
+            item_range.end,
+            mr,
+            &mut pad,
+            &mut norms,
+        );
+        for panel in 0..n_panels {
+            let panel_thresholds = &mut thresholds[panel * nr..(panel + 1) * nr];
+            // SAFETY: `tile` holds MR rows of `dim`, the panel `dim * NR` packed
+            // queries, and the buffers are sized for the largest kernel.
+            unsafe {
+                (kernel.tile)(
+                    dim,
+                    tile.as_ptr(),
+                    packed_queries[panel * nr * dim..].as_ptr(),
+                    norms.as_ptr(),
+                    panel_thresholds.as_ptr(),
+                    scores.as_mut_ptr(),
+                    masks.as_mut_ptr(),
+                );
+            }
+            visit(
+                start,
+                panel,
+                &scores[..mr * nr],
+                &masks[..mr],
+                panel_thresholds,
+            );
+        }
+        start += mr;
     }
 }
 
@@ -195,73 +253,49 @@ fn scan(
     k: usize,
     exclude: Option<&Csr>,
 ) -> Vec<Vec<(f32, u32)>> {
-    let (mr, nr, dim) = (kernel.mr, kernel.nr, queries.dim);
+    let nr = kernel.nr;
     let n_local = query_range.len();
     let mut tops: Vec<TopK> = (0..n_local).map(|_| TopK::new(k)).collect();
     let mut packed_queries = Vec::new();
     kernel::pack_panels(
         queries.data,
-        dim,
+        queries.dim,
         query_range.clone(),
-        mr,
+        nr,
         &mut packed_queries,
     );
-    let (mut packed_items, mut norms) = (Vec::new(), Vec::new());
-    let mut thresholds = [f32::NEG_INFINITY; MAX_MR];
-    let mut scores = [0f32; MAX_TILE];
-    let mut masks = [0u64; MAX_MR];
-
-    let mut block_start = item_range.start;
-    while block_start < item_range.end {
-        let block = block_start..(block_start + BLOCK_ITEMS).min(item_range.end);
-        kernel::pack_panels(items.data, dim, block.clone(), nr, &mut packed_items);
-        kernel::padded_norms(items.data, dim, block.clone(), nr, &mut norms);
-        for tile in 0..n_local.div_ceil(mr) {
-            let rows = (tile * mr)..((tile + 1) * mr).min(n_local);
-            for i in 0..mr {
-                thresholds[i] = if i < rows.len() {
-                    tops[tile * mr + i].threshold()
-                } else {
-                    f32::NEG_INFINITY
-                };
+    let mut thresholds: Vec<f32> = (0..n_local.div_ceil(nr) * nr)
+        .map(|j| {
+            if j < n_local {
+                f32::INFINITY
+            } else {
+                f32::NEG_INFINITY
             }
-            let a = packed_queries[tile * mr * dim..].as_ptr();
-            for panel in 0..block.len().div_ceil(nr) {
-                // SAFETY: the panels were packed for this kernel's MR/NR and `dim`;
-                // the tile buffers hold MAX_MR x MAX_TILE >= MR x NR entries.
-                unsafe {
-                    (kernel.tile)(
-                        dim,
-                        a,
-                        packed_items[panel * nr * dim..].as_ptr(),
-                        norms[panel * nr..].as_ptr(),
-                        thresholds.as_ptr(),
-                        scores.as_mut_ptr(),
-                        masks.as_mut_ptr(),
-                    );
-                }
-                for i in 0..rows.len() {
-                    let mut mask = masks[i];
-                    if mask == 0 {
+        })
+        .collect();
+    stream_tiles(
+        kernel,
+        items,
+        item_range,
+        &packed_queries,
+        &mut thresholds,
+        |first_item, panel, scores, masks, panel_thresholds| {
+            for (i, &mask) in masks.iter().enumerate() {
+                let mut mask = mask;
+                let item = (first_item + i) as u32;
+                while mask != 0 {
+                    let lane = mask.trailing_zeros() as usize;
+                    mask &= mask - 1;
+                    let local = panel * nr + lane;
+                    if exclude.is_some_and(|e| e.contains(query_range.start + local, item)) {
                         continue;
                     }
-                    let local = tile * mr + i;
-                    let query = query_range.start + local;
-                    while mask != 0 {
-                        let j = mask.trailing_zeros() as usize;
-                        mask &= mask - 1;
-                        let item = (block.start + panel * nr + j) as u32;
-                        if exclude.is_some_and(|e| e.contains(query, item)) {
-                            continue;
-                        }
-                        tops[local].push(scores[i * nr + j], item);
-                    }
-                    thresholds[i] = tops[local].threshold();
+                    tops[local].push(scores[i * nr + lane], item);
+                    panel_thresholds[lane] = tops[local].threshold();
                 }
             }
-        }
-        block_start = block.end;
-    }
+        },
+    );
     tops.into_iter().map(TopK::into_sorted).collect()
 }
 
@@ -321,7 +355,7 @@ pub fn topk_l2_with(
             u32::MAX
         )));
     }
-    let plan = plan(n_queries, n_items, queries.dim, kernel.mr, num_threads);
+    let plan = plan(n_queries, n_items, queries.dim, kernel.nr, num_threads);
     let n_tasks = plan.n_chunks * plan.splits;
     let partial = parallel::map_tasks(num_threads, plan.serial, n_tasks, |task| {
         let (chunk, split) = (task / plan.splits, task % plan.splits);
@@ -376,9 +410,8 @@ pub fn sqdist_matrix(queries: Vectors, items: Vectors, num_threads: usize) -> Re
         )));
     }
     let kernel = kernel::best();
-    let (n_queries, n_items, dim) = (queries.len(), items.len(), queries.dim);
-    let (mr, nr) = (kernel.mr, kernel.nr);
-    let plan = plan(n_queries, n_items, dim, mr, num_threads);
+    let (n_queries, n_items, nr) = (queries.len(), items.len(), kernel.nr);
+    let plan = plan(n_queries, n_items, queries.dim, nr, num_threads);
     let mut out = vec![0f32; n_queries * n_items];
     if out.is_empty() {
         return Ok(out);
@@ -390,6 +423,7 @@ pub fn sqdist_matrix(queries: Vectors, items: Vectors, num_threads: usize) -> Re
         plan.chunk * n_items,
         |chunk, out| {
             let query_range = (chunk * plan.chunk)..((chunk + 1) * plan.chunk).min(n_queries);
+            let n_local = query_range.len();
             let query_norms: Vec<f32> = query_range
                 .clone()
                 .map(|q| kernel::sq_norm(queries.row(q)))
@@ -397,48 +431,29 @@ pub fn sqdist_matrix(queries: Vectors, items: Vectors, num_threads: usize) -> Re
             let mut packed_queries = Vec::new();
             kernel::pack_panels(
                 queries.data,
-                dim,
-                query_range.clone(),
-                mr,
+                queries.dim,
+                query_range,
+                nr,
                 &mut packed_queries,
             );
-            let (mut packed_items, mut norms) = (Vec::new(), Vec::new());
-            let thresholds = [f32::NEG_INFINITY; MAX_MR];
-            let mut scores = [0f32; MAX_TILE];
-            let mut masks = [0u64; MAX_MR];
-            let mut block_start = 0;
-            while block_start < n_items {
-                let block = block_start..(block_start + BLOCK_ITEMS).min(n_items);
-                kernel::pack_panels(items.data, dim, block.clone(), nr, &mut packed_items);
-                kernel::padded_norms(items.data, dim, block.clone(), nr, &mut norms);
-                for tile in 0..query_range.len().div_ceil(mr) {
-                    for panel in 0..block.len().div_ceil(nr) {
-                        // SAFETY: as in `scan`.
-                        unsafe {
-                            (kernel.tile)(
-                                dim,
-                                packed_queries[tile * mr * dim..].as_ptr(),
-                                packed_items[panel * nr * dim..].as_ptr(),
-                                norms[panel * nr..].as_ptr(),
-                                thresholds.as_ptr(),
-                                scores.as_mut_ptr(),
-                                masks.as_mut_ptr(),
-                            );
-                        }
-                        for i in 0..mr.min(query_range.len() - tile * mr) {
-                            let local = tile * mr + i;
-                            let first = block.start + panel * nr;
-                            let width = nr.min(block.end - first);
-                            let row =
-                                &mut out[local * n_items + first..local * n_items + first + width];
-                            for (j, d) in row.iter_mut().enumerate() {
-                                *d = (query_norms[local] + scores[i * nr + j]).max(0.0);
-                            }
+            let mut thresholds = vec![f32::NEG_INFINITY; n_local.div_ceil(nr) * nr];
+            stream_tiles(
+                &kernel,
+                items,
+                0..n_items,
+                &packed_queries,
+                &mut thresholds,
+                |first_item, panel, scores, _, _| {
+                    let rows = kernel.mr.min(n_items - first_item);
+                    for lane in 0..nr.min(n_local - panel * nr) {
+                        let local = panel * nr + lane;
+                        for i in 0..rows {
+                            out[local * n_items + first_item + i] =
+                                (query_norms[local] + scores[i * nr + lane]).max(0.0);
                         }
                     }
-                }
-                block_start = block.end;
-            }
+                },
+            );
         },
     );
     Ok(out)

@@ -1,0 +1,1 @@
+//! Criterion benchmarks of cml-core live in `benches/`; this library is empty.

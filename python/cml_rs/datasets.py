@@ -1,0 +1,863 @@
+"""Datasets: loaders for the benchmark sets, a generic loader, a synthetic
+generator, and the paper's per-user 60/20/20 split (SPEC section 4).
+
+Every loader takes a path (a dataset folder, or for the generic loader a file)
+and returns a :class:`Dataset`: a CSR user x item matrix, optional item-feature
+CSR matrices, the original ids behind each row and column, and a label per
+item for plots. Without a path, loaders look in ``$CML_DATA/<name>`` and then
+in ``shared/data/<name>`` beside any folder above the working directory (the
+project's ``../shared/data``). A missing file raises ``FileNotFoundError``
+naming it; a malformed line raises ``ValueError`` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "Split",
+    "data_home",
+    "find_dataset",
+    "load",
+    "load_citeulike",
+    "load_gowalla",
+    "load_interactions",
+    "load_movielens_1m_implicit",
+    "load_movielens_100k",
+    "load_movielens_latest_small",
+    "split_paper",
+    "synthetic",
+]
+
+SPLIT_FORMAT = "cml-rs-split"
+SPLIT_VERSION = 1
+
+
+@dataclass
+class Dataset:
+    """Interactions plus what is known about them.
+
+    Attributes
+    ----------
+    name : str
+    user_items : scipy.sparse.csr_matrix, shape (n_users, n_items)
+        1.0 for each positive interaction (values are kept for the generic loader).
+    item_features : dict of str -> csr_matrix (n_items, n_features)
+        Side information for CML+F (tags, words, genres).
+    feature_names : dict of str -> list of str
+        Column names of each feature matrix.
+    user_ids, item_ids : ndarray
+        The original id of each row / column.
+    item_labels : ndarray of str, optional
+        One attribute per item (top tag, first genre, cluster) for plots.
+    item_titles : ndarray of str, optional
+        Human-readable item names where the data has them.
+    given_split : Split, optional
+        The split the data set ships with (gowalla, ml-1m-implicit).
+    """
+
+    name: str
+    user_items: sp.csr_matrix
+    item_features: dict[str, sp.csr_matrix] = field(default_factory=dict)
+    feature_names: dict[str, list[str]] = field(default_factory=dict)
+    user_ids: np.ndarray | None = None
+    item_ids: np.ndarray | None = None
+    item_labels: np.ndarray | None = None
+    item_titles: np.ndarray | None = None
+    given_split: Split | None = None
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_items.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.user_items.shape[1])
+
+    def __repr__(self) -> str:
+        features = ", ".join(f"{k}: {v.shape[1]}" for k, v in self.item_features.items()) or "none"
+        return (
+            f"Dataset({self.name!r}, users={self.n_users}, items={self.n_items}, "
+            f"interactions={self.user_items.nnz}, features=[{features}])"
+        )
+
+
+# --------------------------------------------------------------------------- locating data
+
+
+def data_home() -> Path | None:
+    """The data directory: ``$CML_DATA``, else the first ``shared/data`` found
+    beside the working directory or one of its parents (the repo's ``../shared/data``)."""
+    env = os.environ.get("CML_DATA")
+    if env:
+        return Path(env)
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        for candidate in (folder / "shared" / "data", folder.parent / "shared" / "data"):
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def find_dataset(name: str) -> Path:
+    """The folder of data set ``name`` under :func:`data_home`, or FileNotFoundError."""
+    home = data_home()
+    if home is None or not (home / name).is_dir():
+        where = f"in {home}" if home else "(no data directory: set CML_DATA)"
+        raise FileNotFoundError(f"data set folder {name!r} not found {where}")
+    return home / name
+
+
+def _folder(path: str | os.PathLike | None, name: str) -> Path:
+    folder = Path(path) if path is not None else find_dataset(name)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder holding the {name} files")
+    return folder
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"required file {path} is missing")
+    return path
+
+
+def _lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) of each line, blank lines included."""
+    with open(_require(path), encoding=encoding) as handle:
+        for number, line in enumerate(handle, start=1):
+            yield number, line.rstrip("\r\n")
+
+
+def _ints(path: Path, number: int, text: str) -> list[int]:
+    try:
+        return [int(token) for token in text.split()]
+    except ValueError:
+        raise ValueError(
+            f"{path}:{number}: expected whitespace-separated integers, got {text[:80]!r}"
+        ) from None
+
+
+def _counted_rows(path: Path) -> list[list[int]]:
+    """Rows of a ``N id_1 ... id_N`` file (citeulike), the leading count checked and dropped."""
+    rows = []
+    for number, text in _lines(path):
+        values = _ints(path, number, text)
+        if not values:
+            rows.append([])
+            continue
+        if values[0] != len(values) - 1:
+            raise ValueError(
+                f"{path}:{number}: the line starts with count {values[0]} but lists {len(values) - 1} ids"
+            )
+        rows.append(values[1:])
+    return rows
+
+
+def _csr_from_rows(
+    rows: list[list[int]], n_cols: int | None = None, path: Path | None = None
+) -> sp.csr_matrix:
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(indptr[-1]))
+    if len(indices) and indices.min() < 0:
+        raise ValueError(f"{path}: negative id {indices.min()}")
+    width = int(indices.max()) + 1 if len(indices) else 0
+    if n_cols is None:
+        n_cols = width
+    elif width > n_cols:
+        raise ValueError(f"{path}: id {width - 1} is beyond the {n_cols} known ids")
+    matrix = sp.csr_matrix(
+        (np.ones(len(indices), dtype=np.float32), indices.astype(np.int32), indptr),
+        shape=(len(rows), n_cols),
+    )
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def _binary(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    matrix = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=shape)
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def _top_feature_labels(features: sp.csr_matrix, names: list[str]) -> np.ndarray:
+    """Each item's most common feature (by how many items carry it); "none" without one."""
+    popularity = np.asarray(features.sum(axis=0)).ravel()
+    labels = np.full(features.shape[0], "none", dtype=object)
+    for item in range(features.shape[0]):
+        cols = features.indices[features.indptr[item] : features.indptr[item + 1]]
+        if len(cols):
+            labels[item] = names[cols[np.argmax(popularity[cols])]]
+    return labels.astype(str)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def load_citeulike(path: str | os.PathLike | None = None, min_tag_items: int = 10) -> Dataset:
+    """citeulike-t (Wang et al., IJCAI 2013): 7,947 users x 25,975 articles.
+
+    The count that opens each line of users.dat and tag-item.dat is dropped
+    (the paper-era loader read it as an item; SPEC section 4). Features:
+    ``tags`` (items x tags on at least ``min_tag_items`` items, binary) and
+    ``words`` (bag of words from mult.dat, counts).
+    """
+    folder = _folder(path, "citeulike-t")
+    n_items = sum(1 for _ in _lines(_require(folder / "mult.dat")))
+    users = _csr_from_rows(_counted_rows(folder / "users.dat"), n_items, folder / "users.dat")
+
+    tag_rows = _counted_rows(folder / "tag-item.dat")
+    tag_names = [text for _, text in _lines(folder / "tags.dat")]
+    if len(tag_names) != len(tag_rows):
+        raise ValueError(
+            f"{folder / 'tags.dat'} names {len(tag_names)} tags but tag-item.dat has {len(tag_rows)}"
+        )
+    tag_items = _csr_from_rows(tag_rows, n_items, folder / "tag-item.dat")  # tags x items
+    keep = np.flatnonzero(np.diff(tag_items.indptr) >= min_tag_items)
+    tags = tag_items[keep].T.tocsr()
+    kept_names = [tag_names[t] for t in keep]
+
+    words = _load_mult(folder / "mult.dat")
+    vocabulary = (
+        [text for _, text in _lines(folder / "vocabulary.dat")]
+        if (folder / "vocabulary.dat").exists()
+        else []
+    )
+    return Dataset(
+        name="citeulike-t",
+        user_items=users,
+        item_features={"tags": tags, "words": words},
+        feature_names={"tags": kept_names, "words": vocabulary},
+        user_ids=np.arange(users.shape[0]),
+        item_ids=np.arange(n_items),
+        item_labels=_top_feature_labels(tags, kept_names),
+    )
+
+
+def _load_mult(path: Path) -> sp.csr_matrix:
+    """LDA-C ``M w:c w:c ...`` lines as an items x words count matrix."""
+    indptr, indices, counts = [0], [], []
+    for number, text in _lines(path):
+        tokens = text.split()
+        try:
+            declared = int(tokens[0]) if tokens else 0
+            pairs = [token.split(":") for token in tokens[1:]]
+            words = [int(w) for w, _ in pairs]
+            values = [float(c) for _, c in pairs]
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected 'M word:count ...', got {text[:80]!r}") from None
+        if declared != len(words):
+            raise ValueError(f"{path}:{number}: declares {declared} words but lists {len(words)}")
+        indices.extend(words)
+        counts.extend(values)
+        indptr.append(len(indices))
+    n_words = max(indices) + 1 if indices else 0
+    return sp.csr_matrix(
+        (np.asarray(counts, np.float32), np.asarray(indices), np.asarray(indptr)),
+        shape=(len(indptr) - 1, n_words),
+    )
+
+
+def load_movielens_100k(path: str | os.PathLike | None = None, min_rating: float = 4.0) -> Dataset:
+    """MovieLens 100K: ratings >= ``min_rating`` are positives; 19 genre flags as features."""
+    folder = _folder(path, "ml-100k")
+    users, items, ratings = [], [], []
+    for number, text in _lines(folder / "u.data"):
+        parts = text.split("\t")
+        if len(parts) < 3:
+            raise ValueError(
+                f"{folder / 'u.data'}:{number}: expected 'user<TAB>item<TAB>rating', got {text!r}"
+            )
+        try:
+            users.append(int(parts[0]))
+            items.append(int(parts[1]))
+            ratings.append(float(parts[2]))
+        except ValueError:
+            raise ValueError(f"{folder / 'u.data'}:{number}: non-numeric field in {text!r}") from None
+    genre_names = [line.split("|")[0] for _, line in _lines(folder / "u.genre") if line]
+    item_rows: dict[int, tuple[str, list[int]]] = {}
+    for number, text in _lines(folder / "u.item", encoding="latin-1"):
+        if not text:
+            continue
+        parts = text.split("|")
+        if len(parts) < 5 + len(genre_names):
+            raise ValueError(f"{folder / 'u.item'}:{number}: expected {5 + len(genre_names)} '|' fields")
+        item_rows[int(parts[0])] = (parts[1], [int(f) for f in parts[5 : 5 + len(genre_names)]])
+    n_users, n_items = max(users), max(max(items), max(item_rows))
+    keep = np.asarray(ratings) >= min_rating
+    user_items = _binary(np.asarray(users)[keep] - 1, np.asarray(items)[keep] - 1, (n_users, n_items))
+    flags = np.zeros((n_items, len(genre_names)), dtype=np.float32)
+    titles = np.full(n_items, "", dtype=object)
+    for movie, (title, genre_flags) in item_rows.items():
+        flags[movie - 1] = genre_flags
+        titles[movie - 1] = title
+    genres = sp.csr_matrix(flags)
+    return Dataset(
+        name="ml-100k",
+        user_items=user_items,
+        item_features={"genres": genres},
+        feature_names={"genres": genre_names},
+        user_ids=np.arange(1, n_users + 1),
+        item_ids=np.arange(1, n_items + 1),
+        item_labels=_first_feature_labels(genres, genre_names),
+        item_titles=titles.astype(str),
+    )
+
+
+def _first_feature_labels(features: sp.csr_matrix, names: list[str]) -> np.ndarray:
+    labels = np.full(features.shape[0], "none", dtype=object)
+    for item in range(features.shape[0]):
+        cols = features.indices[features.indptr[item] : features.indptr[item + 1]]
+        if len(cols):
+            labels[item] = names[int(cols.min())]
+    return labels.astype(str)
+
+
+def _user_line_file(path: Path, n_users: int | None = None, n_items: int | None = None) -> sp.csr_matrix:
+    """``user item item ...`` lines (LightGCN format) as a CSR matrix."""
+    users, items = [], []
+    for number, text in _lines(path):
+        if not text.strip():
+            continue
+        values = _ints(path, number, text)
+        users.extend([values[0]] * (len(values) - 1))
+        items.extend(values[1:])
+    rows, cols = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or cols.min() < 0):
+        raise ValueError(f"{path}: negative ids")
+    shape = (
+        n_users if n_users is not None else int(rows.max(initial=-1)) + 1,
+        n_items if n_items is not None else int(cols.max(initial=-1)) + 1,
+    )
+    if len(rows) and (rows.max() >= shape[0] or cols.max() >= shape[1]):
+        raise ValueError(f"{path}: ids beyond the {shape[0]} users / {shape[1]} items listed")
+    return _binary(rows, cols, shape)
+
+
+def _id_map(path: Path, header: bool) -> np.ndarray:
+    """Original ids indexed by remapped id, from ``org_id remap_id ...`` lines."""
+    pairs = []
+    for number, text in _lines(path):
+        if (header and number == 1) or not text.strip():
+            continue
+        tokens = text.split()
+        if len(tokens) < 2:
+            raise ValueError(f"{path}:{number}: expected 'original_id remapped_id', got {text!r}")
+        pairs.append((int(tokens[1]), tokens[0]))
+    ids = np.empty(len(pairs), dtype=object)
+    for remap, original in pairs:
+        if remap >= len(pairs):
+            raise ValueError(f"{path}: remapped id {remap} is beyond the {len(pairs)} listed")
+        ids[remap] = original
+    return ids
+
+
+def _split_from_parts(parts: list[sp.csr_matrix], seed_note: str) -> Split:
+    train, validation, test = parts
+    return Split(train=train, validation=validation, test=test, seed=-1, note=seed_note)
+
+
+def load_movielens_1m_implicit(path: str | os.PathLike | None = None) -> Dataset:
+    """MovieLens 1M, ratings >= 4 (KGRec's 80/20 split ships with it); 18 genres as features.
+
+    ``user_items`` is train + test (all positives); ``given_split`` holds the
+    shipped split, with an empty validation part.
+    """
+    folder = _folder(path, "ml-1m-implicit")
+    user_ids = _id_map(folder / "user_list.txt", header=False)
+    item_ids = _id_map(folder / "item_list.txt", header=False)
+    train = _user_line_file(folder / "train.txt", len(user_ids), len(item_ids))
+    test = _user_line_file(folder / "test.txt", len(user_ids), len(item_ids))
+    movie_genres: dict[str, tuple[str, list[str]]] = {}
+    for number, text in _lines(folder / "movies.dat", encoding="latin-1"):
+        if not text:
+            continue
+        parts = text.split("::")
+        if len(parts) != 3:
+            raise ValueError(f"{folder / 'movies.dat'}:{number}: expected 'id::title::genres', got {text!r}")
+        movie_genres[parts[0]] = (parts[1], parts[2].split("|"))
+    genre_names = sorted({g for _, genres in movie_genres.values() for g in genres})
+    column = {g: i for i, g in enumerate(genre_names)}
+    rows, cols = [], []
+    titles = np.full(len(item_ids), "", dtype=object)
+    for item, movie in enumerate(item_ids):
+        title, genres = movie_genres.get(str(movie), ("", []))
+        titles[item] = title
+        rows.extend([item] * len(genres))
+        cols.extend(column[g] for g in genres)
+    genres = _binary(np.asarray(rows), np.asarray(cols), (len(item_ids), len(genre_names)))
+    empty = sp.csr_matrix(train.shape, dtype=np.float32)
+    return Dataset(
+        name="ml-1m-implicit",
+        user_items=(train + test).tocsr(),
+        item_features={"genres": genres},
+        feature_names={"genres": genre_names},
+        user_ids=user_ids,
+        item_ids=item_ids,
+        item_labels=_first_feature_labels(genres, genre_names),
+        item_titles=titles.astype(str),
+        given_split=_split_from_parts([train, empty, test], "shipped with the data (KGRec, 80/20)"),
+    )
+
+
+def load_movielens_latest_small(path: str | os.PathLike | None = None, min_rating: float = 4.0) -> Dataset:
+    """MovieLens latest-small: ratings >= ``min_rating``; genres and user tags as features."""
+    folder = _folder(path, "ml-latest-small")
+    ratings = _read_csv(folder / "ratings.csv", ["userId", "movieId", "rating"])
+    movies = _read_csv(folder / "movies.csv", ["movieId", "title", "genres"])
+    tags = _read_csv(folder / "tags.csv", ["movieId", "tag"]) if (folder / "tags.csv").exists() else []
+    movie_index = {row[0]: i for i, row in enumerate(movies)}
+    user_values = sorted({int(r[0]) for r in ratings})
+    user_index = {u: i for i, u in enumerate(user_values)}
+    rows, cols = [], []
+    for number, (user, movie, rating) in enumerate(ratings, start=2):
+        if movie not in movie_index:
+            raise ValueError(f"{folder / 'ratings.csv'}:{number}: movie {movie} is not in movies.csv")
+        if float(rating) >= min_rating:
+            rows.append(user_index[int(user)])
+            cols.append(movie_index[movie])
+    user_items = _binary(np.asarray(rows), np.asarray(cols), (len(user_values), len(movies)))
+    genre_names = sorted({g for _, _, gs in movies for g in gs.split("|")})
+    genre_col = {g: i for i, g in enumerate(genre_names)}
+    g_rows = [i for i, (_, _, gs) in enumerate(movies) for _ in gs.split("|")]
+    g_cols = [genre_col[g] for _, _, gs in movies for g in gs.split("|")]
+    genres = _binary(np.asarray(g_rows), np.asarray(g_cols), (len(movies), len(genre_names)))
+    tag_names = sorted({t.strip().lower() for _, t in tags})
+    tag_col = {t: i for i, t in enumerate(tag_names)}
+    t_pairs = [(movie_index[m], tag_col[t.strip().lower()]) for m, t in tags if m in movie_index]
+    tag_matrix = _binary(
+        np.asarray([p[0] for p in t_pairs], dtype=np.int64),
+        np.asarray([p[1] for p in t_pairs], dtype=np.int64),
+        (len(movies), len(tag_names)),
+    )
+    return Dataset(
+        name="ml-latest-small",
+        user_items=user_items,
+        item_features={"genres": genres, "tags": tag_matrix},
+        feature_names={"genres": genre_names, "tags": tag_names},
+        user_ids=np.asarray(user_values),
+        item_ids=np.asarray([int(m) for m, _, _ in movies]),
+        item_labels=_first_feature_labels(genres, genre_names),
+        item_titles=np.asarray([t for _, t, _ in movies], dtype=str),
+    )
+
+
+def _read_csv(path: Path, columns: list[str]) -> list[tuple[str, ...]]:
+    """The named columns of a CSV file with a header row."""
+    with open(_require(path), encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: the file is empty")
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise ValueError(f"{path}:1: header lacks column(s) {missing}; it has {header}")
+        where = [header.index(c) for c in columns]
+        rows = []
+        for number, row in enumerate(reader, start=2):
+            if len(row) < len(header):
+                raise ValueError(f"{path}:{number}: expected {len(header)} fields, got {len(row)}")
+            rows.append(tuple(row[i] for i in where))
+        return rows
+
+
+def load_gowalla(path: str | os.PathLike | None = None) -> Dataset:
+    """Gowalla check-ins (LightGCN/NGCF 10-core split): train/valid/test as shipped."""
+    folder = _folder(path, "gowalla")
+    user_ids = _id_map(folder / "user_list.txt", header=True)
+    item_ids = _id_map(folder / "item_list.txt", header=True)
+    parts = [
+        _user_line_file(folder / f, len(user_ids), len(item_ids))
+        for f in ("train.txt", "valid.txt", "test.txt")
+    ]
+    return Dataset(
+        name="gowalla",
+        user_items=(parts[0] + parts[1] + parts[2]).tocsr(),
+        user_ids=user_ids,
+        item_ids=item_ids,
+        given_split=_split_from_parts(parts, "shipped with the data (LightGCN test; LightGCN++ valid)"),
+    )
+
+
+def load_interactions(
+    path: str | os.PathLike,
+    sep: str | None = None,
+    user_column: int | str = 0,
+    item_column: int | str = 1,
+    value_column: int | str | None = None,
+    min_value: float | None = None,
+    header: bool | None = None,
+) -> Dataset:
+    """Any CSV/TSV of ``user, item[, value]`` rows, with ids of any kind.
+
+    Parameters
+    ----------
+    sep : str, optional
+        Field separator; guessed from the first line (tab, comma, ';', '::' or spaces).
+    user_column, item_column, value_column : int or str
+        Column positions, or names when the file has a header.
+    min_value : float, optional
+        Keep rows whose value is at least this (e.g. 4 for star ratings).
+    header : bool, optional
+        Whether the first line names the columns; guessed when None.
+    """
+    path = Path(path)
+    text = _require(path).read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"{path}: the file holds no interactions")
+    first = lines[0]
+    if sep is None:
+        sep = next((s for s in ("\t", "::", ",", ";") if s in first), None)
+    split: Callable[[str], list[str]] = (lambda s: s.split()) if sep is None else (lambda s: s.split(sep))
+    if sep == ",":
+        split = lambda s: next(csv.reader(io.StringIO(s)))  # noqa: E731  (quoted fields)
+    names = [f.strip() for f in split(first)]
+    if header is None:
+        header = any(
+            isinstance(c, str) for c in (user_column, item_column, value_column) if c is not None
+        ) or (value_column is not None and not _is_number(names[_position(value_column, names, path)]))
+    position = {
+        key: _position(col, names, path) if col is not None else None
+        for key, col in (("user", user_column), ("item", item_column), ("value", value_column))
+    }
+    user_map: dict[str, int] = {}
+    item_map: dict[str, int] = {}
+    rows, cols, values = [], [], []
+    needed = max(p for p in position.values() if p is not None)
+    for number, line in enumerate(lines, start=1):
+        if (header and number == 1) or not line.strip():
+            continue
+        fields = [f.strip() for f in split(line)]
+        if len(fields) <= needed:
+            raise ValueError(
+                f"{path}:{number}: expected at least {needed + 1} fields, got {len(fields)}: {line[:80]!r}"
+            )
+        value = 1.0
+        if position["value"] is not None:
+            try:
+                value = float(fields[position["value"]])
+            except ValueError:
+                raise ValueError(
+                    f"{path}:{number}: value {fields[position['value']]!r} is not a number"
+                ) from None
+            if min_value is not None and value < min_value:
+                continue
+        rows.append(user_map.setdefault(fields[position["user"]], len(user_map)))
+        cols.append(item_map.setdefault(fields[position["item"]], len(item_map)))
+        values.append(value)
+    if not rows:
+        raise ValueError(f"{path}: no interaction passed the filters")
+    matrix = sp.csr_matrix(
+        (np.asarray(values, np.float32), (rows, cols)), shape=(len(user_map), len(item_map))
+    )
+    matrix.sum_duplicates()
+    return Dataset(
+        name=path.stem,
+        user_items=matrix,
+        user_ids=np.asarray(list(user_map), dtype=object),
+        item_ids=np.asarray(list(item_map), dtype=object),
+    )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _position(column: int | str, names: list[str], path: Path) -> int:
+    if isinstance(column, str):
+        if column not in names:
+            raise ValueError(f"{path}:1: no column named {column!r}; the header has {names}")
+        return names.index(column)
+    return int(column)
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def synthetic(
+    n_users: int = 20_000,
+    n_items: int = 10_000,
+    n_interactions: int = 400_000,
+    n_clusters: int = 50,
+    in_cluster: float = 0.8,
+    popularity_exponent: float = 0.8,
+    seed: int = 0,
+    chunk_users: int = 100_000,
+) -> Dataset:
+    """A seeded implicit-feedback data set with planted structure.
+
+    Items belong to ``n_clusters`` clusters and have Zipf popularity
+    (exponent ``popularity_exponent``); each user belongs to one cluster and has
+    a heavy-tailed (log-normal) activity. A user's items come from its own
+    cluster with probability ``in_cluster`` and from the whole catalogue
+    otherwise, each by popularity. Users are generated ``chunk_users`` at a
+    time, so 1M users x 300k items x 10M interactions fits in a few hundred MB.
+    Repeated draws count once, so the matrix holds slightly fewer than
+    ``n_interactions`` entries. ``item_labels`` holds each item's cluster.
+    """
+    rng = np.random.default_rng(seed)
+    item_cluster = rng.integers(0, n_clusters, n_items)
+    popularity = 1.0 / np.power(rng.permutation(n_items) + 1.0, popularity_exponent)
+    by_cluster = np.argsort(item_cluster, kind="stable")
+    cum_within = np.cumsum(popularity[by_cluster])
+    cluster_end = np.searchsorted(item_cluster[by_cluster], np.arange(n_clusters), side="right")
+    cluster_lo = np.concatenate([[0.0], cum_within[cluster_end[:-1] - 1]])
+    cluster_hi = cum_within[cluster_end - 1]
+    cluster_lo[np.diff(np.concatenate([[0], cluster_end])) == 0] = np.nan  # empty clusters
+    global_cum = np.cumsum(popularity)
+
+    user_cluster = rng.integers(0, n_clusters, n_users)
+    activity = rng.lognormal(mean=0.0, sigma=1.0, size=n_users)
+    counts = np.maximum(1, np.round(activity / activity.sum() * n_interactions)).astype(np.int64)
+    counts = np.minimum(counts, n_items // 2)
+
+    indptr_parts, index_parts = [np.zeros(1, np.int64)], []
+    offset = 0
+    for start in range(0, n_users, chunk_users):
+        stop = min(start + chunk_users, n_users)
+        draws = counts[start:stop]
+        owners = np.repeat(np.arange(start, stop), draws)
+        clusters = user_cluster[owners]
+        local = rng.uniform(size=len(owners))
+        lo, hi = cluster_lo[clusters], cluster_hi[clusters]
+        inside = (rng.uniform(size=len(owners)) < in_cluster) & ~np.isnan(lo)
+        items = np.empty(len(owners), dtype=np.int64)
+        items[inside] = by_cluster[
+            np.searchsorted(
+                cum_within, lo[inside] + local[inside] * (hi[inside] - lo[inside]), side="right"
+            ).clip(0, n_items - 1)
+        ]
+        outside = ~inside
+        items[outside] = np.searchsorted(global_cum, local[outside] * global_cum[-1], side="right").clip(
+            0, n_items - 1
+        )
+        chunk = _binary(owners - start, items, (stop - start, n_items))
+        indptr_parts.append(chunk.indptr[1:].astype(np.int64) + offset)
+        index_parts.append(chunk.indices)
+        offset += chunk.nnz
+    indptr = np.concatenate(indptr_parts)
+    indices = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int32)
+    matrix = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n_users, n_items))
+    return Dataset(
+        name=f"synthetic-{n_users}x{n_items}-seed{seed}",
+        user_items=matrix,
+        user_ids=np.arange(n_users),
+        item_ids=np.arange(n_items),
+        item_labels=np.asarray([f"cluster {c}" for c in item_cluster]),
+    )
+
+
+# --------------------------------------------------------------------------- dispatch
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "citeulike-t": load_citeulike,
+    "ml-100k": load_movielens_100k,
+    "ml-1m-implicit": load_movielens_1m_implicit,
+    "ml-latest-small": load_movielens_latest_small,
+    "gowalla": load_gowalla,
+}
+
+
+def load(name_or_path: str | os.PathLike, **options: Any) -> Dataset:
+    """A data set by name (``citeulike-t``, ``ml-100k``, ``ml-1m-implicit``,
+    ``ml-latest-small``, ``gowalla``, ``synthetic``), by folder of one of those,
+    or from an interaction file (:func:`load_interactions`)."""
+    key = str(name_or_path)
+    if key in DATASETS:
+        return DATASETS[key](**options)
+    if key == "synthetic":
+        return synthetic(**options)
+    path = Path(name_or_path)
+    if path.is_dir():
+        if path.name in DATASETS:
+            return DATASETS[path.name](path, **options)
+        raise ValueError(f"{path} is a folder but not one of the known data sets {sorted(DATASETS)}")
+    if path.is_file():
+        return load_interactions(path, **options)
+    known = ", ".join([*DATASETS, "synthetic"])
+    raise FileNotFoundError(f"{key!r} is neither a known data set ({known}) nor an existing file or folder")
+
+
+# --------------------------------------------------------------------------- the paper's split
+
+
+@dataclass
+class Split:
+    """Train / validation / test parts of one user x item matrix (disjoint, same shape)."""
+
+    train: sp.csr_matrix
+    validation: sp.csr_matrix
+    test: sp.csr_matrix
+    seed: int
+    note: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.train.shape
+
+    def fingerprint(self) -> str:
+        """A hash of the three parts, to check two runs scored the same split."""
+        digest = hashlib.sha256()
+        for part in (self.train, self.validation, self.test):
+            part = part.tocsr()
+            part.sort_indices()
+            digest.update(np.asarray(part.shape, np.int64).tobytes())
+            digest.update(part.indptr.astype(np.int64).tobytes())
+            digest.update(part.indices.astype(np.int64).tobytes())
+        return digest.hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the split to ``path`` (.npz, no pickle), atomically."""
+        arrays: dict[str, np.ndarray] = {}
+        for name in ("train", "validation", "test"):
+            part = getattr(self, name).tocsr()
+            arrays[f"{name}_indptr"] = part.indptr.astype(np.int64)
+            arrays[f"{name}_indices"] = part.indices.astype(np.int32)
+        meta = {
+            "format": SPLIT_FORMAT,
+            "version": SPLIT_VERSION,
+            "shape": list(self.shape),
+            "seed": self.seed,
+            "note": self.note,
+            "fingerprint": self.fingerprint(),
+        }
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        _atomic_savez(Path(path), arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Split:
+        """Reads a split written by :meth:`save`; a damaged file raises ValueError."""
+        arrays, meta = _load_checked_npz(Path(path), SPLIT_FORMAT, SPLIT_VERSION)
+        shape = tuple(meta["shape"])
+        parts = []
+        for name in ("train", "validation", "test"):
+            indptr, indices = arrays[f"{name}_indptr"], arrays[f"{name}_indices"]
+            if (
+                len(indptr) != shape[0] + 1
+                or indptr[-1] != len(indices)
+                or (len(indices) and indices.max() >= shape[1])
+            ):
+                raise ValueError(
+                    f"{path}: the {name} part is inconsistent with shape {shape}; the file is damaged"
+                )
+            parts.append(sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=shape))
+        split = cls(*parts, seed=int(meta["seed"]), note=str(meta.get("note", "")))
+        if split.fingerprint() != meta["fingerprint"]:
+            raise ValueError(
+                f"{path}: the split does not match its recorded fingerprint; the file is damaged"
+            )
+        return split
+
+
+def split_paper(
+    user_items: Any,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    min_items: int = 5,
+) -> Split:
+    """The paper's per-user split (SPEC section 4).
+
+    Each user's items are shuffled with ``seed``; ``floor(0.2 n)`` go to
+    validation, ``floor(0.2 n)`` to test, and the rest, rounding remainder
+    included, to train. Users with fewer than ``min_items`` items go entirely
+    to train. Deterministic for a seed; O(nnz log nnz), vectorised.
+    """
+    from ._checks import as_csr
+
+    matrix = as_csr(user_items, "user_items").copy()
+    matrix.sum_duplicates()
+    if matrix.nnz == 0:
+        raise ValueError("user_items holds no interactions; there is nothing to split")
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    rng = np.random.default_rng(seed)
+    n_rows = matrix.shape[0]
+    lengths = np.diff(matrix.indptr)
+    rows = np.repeat(np.arange(n_rows), lengths)
+    order = np.lexsort((rng.random(matrix.nnz), rows))  # shuffle within each user
+    position = np.empty(matrix.nnz, dtype=np.int64)
+    position[order] = np.arange(matrix.nnz) - matrix.indptr[rows[order]]
+    n = lengths[rows]
+    n_validation = np.floor(fractions[1] * n + 1e-9).astype(np.int64)
+    n_test = np.floor(fractions[2] * n + 1e-9).astype(np.int64)
+    small = n < min_items
+    n_validation[small] = 0
+    n_test[small] = 0
+    n_train = n - n_validation - n_test
+    part = np.where(position < n_train, 0, np.where(position < n_train + n_validation, 1, 2))
+    coo = matrix.tocoo()
+    # tocoo keeps CSR order, which `rows` and `position` follow.
+    pieces = [_binary(coo.row[part == p], coo.col[part == p], matrix.shape) for p in range(3)]
+    return Split(
+        *pieces,
+        seed=seed,
+        note=f"split_paper(seed={seed}, fractions={tuple(fractions)}, min_items={min_items})",
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_checked_npz(
+    path: Path, expected_format: str, max_version: int
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays and JSON metadata of an npz file of ours, or a clear ValueError."""
+    import zipfile
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{path} is not a readable cml-rs file (truncated or corrupted?): {error}") from None
+    if "meta" not in arrays:
+        raise ValueError(f"{path} has no metadata; it was not written by cml-rs")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable metadata ({error}); the file is damaged") from None
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{path} holds a {meta.get('format')!r} file, expected {expected_format!r}")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > max_version:
+        raise ValueError(
+            f"{path} was written by format version {version}; "
+            f"this cml-rs reads up to {max_version} (upgrade cml-rs)"
+        )
+    return arrays, meta

@@ -1,0 +1,191 @@
+"""Top-K retrieval backends behind one small interface (SPEC section 6).
+
+CML's recommendations are Euclidean nearest neighbours, so any L2 index
+serves. Three backends share ``build_index(backend, vectors)`` and
+``index.query(queries, k, exclude=None, num_threads=0) -> (ids, sqdist)``:
+
+- ``"exact"``: :class:`ExactIndex`, the fused native kernel (:func:`cml_rs.topk_l2`).
+- ``"lsh"``: :class:`cml_rs.LshIndex`, p-stable LSH with multi-probe, candidates
+  re-ranked exactly (Rust).
+- ``"hnsw"``: :class:`HnswIndex`, hnswlib's graph index (``pip install cml-rs[hnsw]``).
+
+All return int64 ids and float32 squared distances, nearest first, padded
+with -1 / +inf when fewer than k eligible items exist, and skip the items in
+each query's ``exclude`` row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Union
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._checks import as_csr, as_queries, as_vectors, check_num_threads, check_positive_int
+from .kernels import topk_l2
+
+__all__ = ["Backend", "ExactIndex", "HnswIndex", "NearestNeighbourIndex", "build_index"]
+
+
+class NearestNeighbourIndex(Protocol):
+    """What every backend offers."""
+
+    def query(
+        self, queries: Any, k: int = 10, exclude: Any | None = None, num_threads: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def memory_bytes(self) -> int: ...
+
+
+Backend = Union[str, NearestNeighbourIndex]
+
+
+class ExactIndex:
+    """Exact search: every item scored by the fused native distance + top-K kernel."""
+
+    def __init__(self, vectors: Any) -> None:
+        self.vectors = as_vectors(vectors, "vectors")
+        if len(self.vectors) == 0:
+            raise ValueError("cannot index an empty set of vectors")
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def query(
+        self, queries: Any, k: int = 10, exclude: Any | None = None, num_threads: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact ``(ids, sqdist)`` of the k nearest vectors (see :func:`cml_rs.topk_l2`)."""
+        return topk_l2(queries, self.vectors, k, exclude=exclude, num_threads=num_threads)
+
+    knn_query = query
+
+    def memory_bytes(self) -> int:
+        return int(self.vectors.nbytes)
+
+
+class HnswIndex:
+    """hnswlib (``space='l2'``) with its quirks hidden.
+
+    hnswlib raises when it cannot return k results and wants ``ef >= k``; here
+    ``ef`` is raised as needed, a query that still comes up short is answered
+    exactly, and rows are padded with -1 / +inf instead. Exclusions cannot be
+    filtered inside hnswlib without a Python callback per candidate, so each
+    query fetches k plus its number of excluded items and drops those (queries
+    are grouped by that number to keep the over-fetch small).
+    """
+
+    def __init__(
+        self,
+        vectors: Any,
+        M: int = 16,
+        ef_construction: int = 200,
+        ef: int = 100,
+        seed: int = 0,
+        num_threads: int = 0,
+    ) -> None:
+        try:
+            import hnswlib
+        except ImportError as error:
+            raise ImportError("the HNSW backend needs hnswlib: pip install 'cml-rs[hnsw]'") from error
+        self.vectors = as_vectors(vectors, "vectors")
+        if len(self.vectors) == 0:
+            raise ValueError("cannot index an empty set of vectors")
+        self.M, self.ef_construction, self.ef = M, ef_construction, check_positive_int(ef, "ef")
+        self.index = hnswlib.Index(space="l2", dim=self.dim)
+        self.index.init_index(max_elements=len(self.vectors), M=M, ef_construction=ef_construction, random_seed=seed)
+        self.index.add_items(self.vectors, np.arange(len(self.vectors)), num_threads=_hnsw_threads(num_threads))
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def set_ef(self, ef: int) -> None:
+        """Search breadth: higher is slower and more accurate."""
+        self.ef = check_positive_int(ef, "ef")
+
+    def query(
+        self, queries: Any, k: int = 10, exclude: Any | None = None, num_threads: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, sqdist)`` of the (approximately) k nearest vectors."""
+        query_array, single = as_queries(queries, dim=self.dim)
+        k = check_positive_int(k, "k")
+        threads = _hnsw_threads(check_num_threads(num_threads))
+        n = len(self)
+        excluded = as_csr(exclude, "exclude", len(query_array), n) if exclude is not None else None
+        counts = np.diff(excluded.indptr) if excluded is not None else np.zeros(len(query_array), np.int64)
+        ids = np.full((len(query_array), k), -1, dtype=np.int64)
+        dist = np.full((len(query_array), k), np.inf, dtype=np.float32)
+        # Group queries by how many extra results they need (0, 1, 2-3, 4-7, ...).
+        groups = np.where(counts == 0, 0, np.floor(np.log2(np.maximum(counts, 1))).astype(np.int64) + 1)
+        for group in np.unique(groups):
+            rows = np.flatnonzero(groups == group)
+            fetch = min(n, k + (0 if group == 0 else int(2**group) - 1))
+            found, found_dist = self._knn(query_array[rows], fetch, threads)
+            for r, row in enumerate(rows):
+                keep = found[r] >= 0
+                if excluded is not None and counts[row]:
+                    seen = excluded.indices[excluded.indptr[row] : excluded.indptr[row + 1]]
+                    keep &= ~np.isin(found[r], seen)
+                chosen = np.flatnonzero(keep)[:k]
+                ids[row, : len(chosen)] = found[r, chosen]
+                dist[row, : len(chosen)] = found_dist[r, chosen]
+        return (ids[0], dist[0]) if single else (ids, dist)
+
+    knn_query = query
+
+    def _knn(self, queries: np.ndarray, fetch: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """hnswlib's knn_query with ef >= fetch; rows it cannot fill are answered exactly."""
+        self.index.set_ef(max(self.ef, fetch))
+        try:
+            labels, dist = self.index.knn_query(queries, k=fetch, num_threads=threads)
+            return labels.astype(np.int64), dist.astype(np.float32)
+        except RuntimeError:
+            # hnswlib found fewer than `fetch` neighbours for some query.
+            return topk_l2(queries, self.vectors, fetch)
+
+    def memory_bytes(self) -> int:
+        """Vectors plus graph links, as hnswlib lays them out (an estimate from its parameters)."""
+        n = len(self)
+        level0 = n * (self.dim * 4 + 8 + 4 + 2 * self.M * 4)
+        upper = int(n / max(np.log(self.M), 1.0) * (4 + self.M * 4 + 8))
+        return int(level0 + upper)
+
+
+def _hnsw_threads(num_threads: int) -> int:
+    return -1 if num_threads == 0 else num_threads
+
+
+def build_index(backend: Backend, vectors: Any, seed: int = 0, **options: Any) -> NearestNeighbourIndex:
+    """An index of ``vectors`` for ``backend`` ("exact", "lsh", "hnsw"); an index object is returned as is.
+
+    ``options`` go to the backend's constructor (e.g. ``n_tables`` for LSH,
+    ``M`` / ``ef`` for HNSW). The LSH index is tuned to 90% recall@10 on a
+    sample of the vectors themselves unless ``tune=False``.
+    """
+    if not isinstance(backend, str):
+        return backend
+    if backend == "exact":
+        return ExactIndex(vectors)
+    if backend == "hnsw":
+        return HnswIndex(vectors, seed=seed, **options)
+    if backend == "lsh":
+        from .lsh import LshIndex
+
+        tune = options.pop("tune", True)
+        array = as_vectors(vectors, "vectors")
+        index = LshIndex(array.shape[1], seed=seed, **options)
+        index.add_items(array)
+        if tune:
+            rng = np.random.default_rng(seed)
+            sample = array[rng.choice(len(array), min(len(array), 500), replace=False)]
+            index.tune(sample, k=10, target_recall=0.9)
+        return index
+    raise ValueError(f"backend must be 'exact', 'lsh', 'hnsw' or an index object, got {backend!r}")
+

@@ -1,0 +1,1029 @@
+//! p-stable LSH for squared Euclidean top-K, with query-directed multi-probe.
+//!
+//! Hashing (Datar et al. 2004): `h(v) = floor((a.v + b) / w)` with `a` a
+//! Gaussian vector and `b` uniform in [0, w). A table concatenates `n_hashes`
+//! such values into one bucket key; `n_tables` tables are built. Near points
+//! share buckets with high probability, far points rarely.
+//!
+//! Multi-probe (Lv et al. 2007): besides the query's own bucket in each table,
+//! nearby buckets are probed, obtained by moving some coordinates of the hash
+//! tuple by -1 or +1. A perturbation of coordinate i by -1 costs `f_i^2`, by +1
+//! `(1 - f_i)^2`, where `f_i` is the query's fractional position in its slot;
+//! a min-heap over (table, perturbation set) enumerates probes in increasing
+//! total cost across all tables (shift/expand generation over the 2k sorted
+//! single perturbations). Every candidate found is scored exactly and kept in
+//! a top-K; the reported distances are recomputed in f64.
+//!
+//! Layout: each table stores item slots sorted by bucket and an open-addressing
+//! map key -> (start, len), so a probe costs one or two cache misses. Vectors
+//! are kept in insertion order with their external ids. Queries run in
+//! parallel over chunks with no shared mutable state: results are
+//! deterministic for a seed, whatever the thread count. `exclude` rows (by
+//! external id) are skipped before scoring.
+//!
+//! Costs: build O(n * L * k * dim); query O(L * k * dim + probes * (log + bucket)
+//! + candidates * dim); memory n * dim * 4 + n * 8 + L * (4n + 16 * buckets * 2).
+
+use crate::csr::Csr;
+use crate::error::{CoreError, Result};
+use crate::kernel;
+use crate::parallel;
+use crate::rng::{mix64, tag, Rng};
+use crate::topk::{Neighbours, TopK, Vectors};
+use std::collections::BinaryHeap;
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// Hash functions per table are limited so a perturbation set fits in a u64 mask.
+pub const MAX_HASHES: usize = 32;
+const FILE_MAGIC: &[u8; 8] = b"CMLRSLSH";
+const FILE_VERSION: u32 = 1;
+/// Queries per parallel task.
+const QUERIES_PER_TASK: usize = 64;
+
+/// How an index hashes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LshParams {
+    pub dim: usize,
+    pub n_tables: usize,
+    pub n_hashes: usize,
+    /// Slot width w; `None` until chosen from the first vectors added.
+    pub bucket_width: Option<f32>,
+    pub seed: u64,
+}
+
+/// One hash table: item slots grouped by bucket, and a map from bucket key to its group.
+#[derive(Clone, Debug, Default)]
+struct Table {
+    /// Internal item indices, grouped by bucket.
+    slots: Vec<u32>,
+    /// Open-addressing map; an entry with `len == 0` is empty.
+    map: Vec<Bucket>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Bucket {
+    key: u64,
+    start: u32,
+    len: u32,
+}
+
+impl Table {
+    fn build(keys: &[u64]) -> Table {
+        let mut order: Vec<u32> = (0..keys.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| (keys[i as usize], i));
+        let n_buckets = order
+            .chunk_by(|&a, &b| keys[a as usize] == keys[b as usize])
+            .count();
+        let capacity = (2 * n_buckets).next_power_of_two().max(2);
+        let mut map = vec![Bucket::default(); capacity];
+        let mut start = 0usize;
+        for group in order.chunk_by(|&a, &b| keys[a as usize] == keys[b as usize]) {
+            let key = keys[group[0] as usize];
+            let mut slot = (mix64(key) as usize) & (capacity - 1);
+            while map[slot].len != 0 {
+                slot = (slot + 1) & (capacity - 1);
+            }
+            map[slot] = Bucket {
+                key,
+                start: start as u32,
+                len: group.len() as u32,
+            };
+            start += group.len();
+        }
+        Table { slots: order, map }
+    }
+
+    #[inline]
+    fn bucket(&self, key: u64) -> &[u32] {
+        let mask = self.map.len() - 1;
+        let mut slot = (mix64(key) as usize) & mask;
+        loop {
+            let b = self.map[slot];
+            if b.len == 0 {
+                return &[];
+            }
+            if b.key == key {
+                return &self.slots[b.start as usize..(b.start + b.len) as usize];
+            }
+            slot = (slot + 1) & mask;
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.slots.len() * 4 + self.map.len() * std::mem::size_of::<Bucket>()
+    }
+}
+
+/// An L2 LSH index over `f32` vectors with `i64` ids.
+#[derive(Clone, Debug)]
+pub struct LshIndex {
+    params: LshParams,
+    /// (n_tables * n_hashes) x dim Gaussian directions, already divided by w.
+    projections: Vec<f32>,
+    /// b / w for each hash function, in [0, 1).
+    offsets: Vec<f32>,
+    vectors: Vec<f32>,
+    ids: Vec<i64>,
+    tables: Vec<Table>,
+    /// Probes per query when the caller does not say (set by `tune`).
+    default_probes: usize,
+}
+
+/// The bucket key of a hash tuple.
+#[inline]
+fn bucket_key(hashes: impl Iterator<Item = i32>) -> u64 {
+    hashes.fold(0x243F_6A88_85A3_08D3u64, |acc, h| {
+        mix64(acc ^ (h as u32 as u64).wrapping_add(0x9E37_79B9))
+    })
+}
+
+impl LshIndex {
+    /// An empty index. `bucket_width = None` picks w from the first vectors added.
+    pub fn new(params: LshParams) -> Result<LshIndex> {
+        if params.dim == 0 {
+            return Err(CoreError::invalid("dim must be at least 1, got 0"));
+        }
+        if params.n_tables == 0 {
+            return Err(CoreError::invalid("n_tables must be at least 1, got 0"));
+        }
+        if params.n_hashes == 0 || params.n_hashes > MAX_HASHES {
+            return Err(CoreError::invalid(format!(
+                "n_hashes must be between 1 and {MAX_HASHES}, got {}",
+                params.n_hashes
+            )));
+        }
+        if let Some(w) = params.bucket_width {
+            if !(w.is_finite() && w > 0.0) {
+                return Err(CoreError::invalid(format!(
+                    "bucket_width must be a positive number, got {w}"
+                )));
+            }
+        }
+        let n_functions = params.n_tables * params.n_hashes;
+        let mut rng = Rng::stream(params.seed, tag::LSH_PROJECTION, &[]);
+        let directions: Vec<f32> = (0..n_functions * params.dim)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let offsets: Vec<f32> = (0..n_functions).map(|_| rng.unit_f64() as f32).collect();
+        let mut index = LshIndex {
+            params,
+            projections: directions,
+            offsets,
+            vectors: Vec::new(),
+            ids: Vec::new(),
+            tables: Vec::new(),
+            default_probes: 0,
+        };
+        index.default_probes = 4 * index.params.n_tables;
+        if let Some(w) = index.params.bucket_width {
+            index.scale_projections(w);
+        }
+        Ok(index)
+    }
+
+    fn scale_projections(&mut self, width: f32) {
+        self.projections.iter_mut().for_each(|a| *a /= width);
+    }
+
+    pub fn params(&self) -> &LshParams {
+        &self.params
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+
+    pub fn vectors(&self) -> Vectors<'_> {
+        Vectors {
+            data: &self.vectors,
+            dim: self.params.dim,
+        }
+    }
+
+    pub fn default_probes(&self) -> usize {
+        self.default_probes
+    }
+
+    pub fn set_default_probes(&mut self, probes: usize) {
+        self.default_probes = probes.max(1);
+    }
+
+    /// Bytes held: vectors, ids, projections and tables.
+    pub fn memory_bytes(&self) -> usize {
+        self.vectors.len() * 4
+            + self.ids.len() * 8
+            + (self.projections.len() + self.offsets.len()) * 4
+            + self.tables.iter().map(Table::memory_bytes).sum::<usize>()
+    }
+
+    /// Adds vectors (row-major, `dim` columns, finite) with their ids, then
+    /// rebuilds the tables. Ids must be unique across the index.
+    pub fn add(&mut self, vectors: Vectors, ids: &[i64], num_threads: usize) -> Result<()> {
+        if vectors.dim != self.params.dim {
+            return Err(CoreError::invalid(format!(
+                "vectors must have {} columns (the index dimension), got {}",
+                self.params.dim, vectors.dim
+            )));
+        }
+        if ids.len() != vectors.len() {
+            return Err(CoreError::invalid(format!(
+                "got {} ids for {} vectors; pass one id per vector",
+                ids.len(),
+                vectors.len()
+            )));
+        }
+        if self.len() + vectors.len() > u32::MAX as usize {
+            return Err(CoreError::invalid(
+                "an index holds at most 4,294,967,295 vectors",
+            ));
+        }
+        vectors.check_finite("vectors")?;
+        let mut all_ids: Vec<i64> = self.ids.iter().chain(ids).copied().collect();
+        all_ids.sort_unstable();
+        if let Some(w) = all_ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(CoreError::invalid(format!(
+                "id {} occurs more than once; ids must be unique",
+                w[0]
+            )));
+        }
+        self.vectors.extend_from_slice(vectors.data);
+        self.ids.extend_from_slice(ids);
+        if self.params.bucket_width.is_none() {
+            let width = self.estimate_width(num_threads);
+            self.params.bucket_width = Some(width);
+            self.scale_projections(width);
+        }
+        self.rebuild(num_threads);
+        Ok(())
+    }
+
+    /// w from the data: twice the median distance from a sample of points to
+    /// their 10th nearest neighbour, the scale at which neighbours should
+    /// share slots.
+    fn estimate_width(&self, num_threads: usize) -> f32 {
+        let all = self.vectors();
+        let n = all.len();
+        if n < 2 {
+            return 1.0;
+        }
+        let sample = n.min(256);
+        let mut rng = Rng::stream(self.params.seed, tag::SAMPLE, &[]);
+        let mut picks: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut picks);
+        let queries: Vec<f32> = picks[..sample]
+            .iter()
+            .flat_map(|&i| all.row(i).iter().copied())
+            .collect();
+        let k = (n - 1).clamp(1, 10) + 1; // the point itself comes first
+        let found = crate::topk::topk_l2(
+            Vectors::new(&queries, self.params.dim).expect("sample rows"),
+            all,
+            k,
+            None,
+            num_threads,
+        )
+        .expect("consistent shapes");
+        let mut radii: Vec<f32> = (0..sample)
+            .map(|q| found.sqdist[q * k + k - 1].sqrt())
+            .collect();
+        radii.sort_unstable_by(|a, b| a.total_cmp(b));
+        let median = radii[radii.len() / 2];
+        if median.is_finite() && median > 0.0 {
+            2.0 * median
+        } else {
+            1.0
+        }
+    }
+
+    /// Projections of one vector onto every hash function, in slot units: `(a.v + b) / w`.
+    #[inline]
+    fn project(&self, v: &[f32], out: &mut [f32]) {
+        let dim = self.params.dim;
+        for (f, slot) in out.iter_mut().enumerate() {
+            *slot = dot(&self.projections[f * dim..(f + 1) * dim], v) + self.offsets[f];
+        }
+    }
+
+    fn rebuild(&mut self, num_threads: usize) {
+        let (l, k) = (self.params.n_tables, self.params.n_hashes);
+        let n = self.len();
+        let this = &*self;
+        // keys[t * n + i]: the bucket key of item i in table t.
+        let per_item: Vec<Vec<u64>> =
+            parallel::map_tasks(num_threads, n < 2048, n.div_ceil(1024), |task| {
+                let mut projected = vec![0f32; l * k];
+                let rows = (task * 1024)..((task + 1) * 1024).min(n);
+                let mut keys = Vec::with_capacity(rows.len() * l);
+                for i in rows {
+                    this.project(
+                        &this.vectors[i * this.params.dim..(i + 1) * this.params.dim],
+                        &mut projected,
+                    );
+                    for t in 0..l {
+                        keys.push(bucket_key(
+                            projected[t * k..(t + 1) * k]
+                                .iter()
+                                .map(|p| p.floor() as i32),
+                        ));
+                    }
+                }
+                keys
+            });
+        let keys: Vec<u64> = per_item.into_iter().flatten().collect();
+        let tables = parallel::map_tasks(num_threads, n < 2048, l, |t| {
+            let table_keys: Vec<u64> = (0..n).map(|i| keys[i * l + t]).collect();
+            Table::build(&table_keys)
+        });
+        self.tables = tables;
+    }
+
+    /// The k nearest indexed vectors of each query among the buckets of
+    /// `n_probes` probes (`None`: the tuned default) in the first `n_tables`
+    /// tables (`None`: all). Exact distances, nearest first, padded with -1/+inf.
+    pub fn query(
+        &self,
+        queries: Vectors,
+        k: usize,
+        n_probes: Option<usize>,
+        n_tables: Option<usize>,
+        exclude: Option<&Csr>,
+        num_threads: usize,
+    ) -> Result<Neighbours> {
+        if queries.dim != self.params.dim {
+            return Err(CoreError::invalid(format!(
+                "queries must have {} columns (the index dimension), got {}",
+                self.params.dim, queries.dim
+            )));
+        }
+        if k == 0 {
+            return Err(CoreError::invalid("k must be at least 1, got 0"));
+        }
+        if self.is_empty() {
+            return Err(CoreError::invalid(
+                "the index is empty; add vectors with add_items before querying",
+            ));
+        }
+        let tables = n_tables.unwrap_or(self.params.n_tables);
+        if tables == 0 || tables > self.params.n_tables {
+            return Err(CoreError::invalid(format!(
+                "n_tables must be between 1 and {} (the tables built), got {tables}",
+                self.params.n_tables
+            )));
+        }
+        let probes = n_probes.unwrap_or(self.default_probes);
+        if probes == 0 {
+            return Err(CoreError::invalid("n_probes must be at least 1, got 0"));
+        }
+        if let Some(e) = exclude {
+            if e.n_rows() != queries.len() {
+                return Err(CoreError::invalid(format!(
+                    "exclude has {} rows but there are {} queries; pass one row per query",
+                    e.n_rows(),
+                    queries.len()
+                )));
+            }
+        }
+        let n_queries = queries.len();
+        let serial = n_queries < 8;
+        let chunks = parallel::map_tasks(
+            num_threads,
+            serial,
+            n_queries.div_ceil(QUERIES_PER_TASK),
+            |task| {
+                let mut scratch =
+                    Scratch::new(self.len(), self.params.n_tables * self.params.n_hashes);
+                let rows =
+                    (task * QUERIES_PER_TASK)..((task + 1) * QUERIES_PER_TASK).min(n_queries);
+                rows.map(|q| {
+                    self.search_one(queries.row(q), q, k, probes, tables, exclude, &mut scratch)
+                })
+                .collect::<Vec<_>>()
+            },
+        );
+        let mut ids = vec![-1i64; n_queries * k];
+        let mut sqdist = vec![f32::INFINITY; n_queries * k];
+        for (q, found) in chunks.into_iter().flatten().enumerate() {
+            for (slot, (d, id)) in found.into_iter().enumerate() {
+                ids[q * k + slot] = id;
+                sqdist[q * k + slot] = d;
+            }
+        }
+        Ok(Neighbours { k, ids, sqdist })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn search_one(
+        &self,
+        q: &[f32],
+        row: usize,
+        k: usize,
+        probes: usize,
+        tables: usize,
+        exclude: Option<&Csr>,
+        scratch: &mut Scratch,
+    ) -> Vec<(f32, i64)> {
+        let (dim, n_hashes) = (self.params.dim, self.params.n_hashes);
+        scratch.next_query();
+        self.project(q, &mut scratch.projected);
+        let projected = &scratch.projected;
+        let mut top = TopK::new(k);
+        let excluded: &[u32] = exclude.map_or(&[], |e| e.row(row));
+        let mut visit =
+            |table: usize, perturbation: &[(usize, i32)], stamps: &mut [u32], stamp: u32| {
+                let base = &projected[table * n_hashes..(table + 1) * n_hashes];
+                let key = bucket_key(base.iter().enumerate().map(|(i, p)| {
+                    let shift = perturbation
+                        .iter()
+                        .find(|(c, _)| *c == i)
+                        .map_or(0, |(_, d)| *d);
+                    p.floor() as i32 + shift
+                }));
+                for &item in self.tables[table].bucket(key) {
+                    let item = item as usize;
+                    if stamps[item] == stamp {
+                        continue;
+                    }
+                    stamps[item] = stamp;
+                    let id = self.ids[item];
+                    if !excluded.is_empty()
+                        && u32::try_from(id).is_ok_and(|id| excluded.binary_search(&id).is_ok())
+                    {
+                        continue;
+                    }
+                    top.push(
+                        sq_dist_f32(q, &self.vectors[item * dim..(item + 1) * dim]),
+                        item as u32,
+                    );
+                }
+            };
+        let stamp = scratch.stamp;
+        for table in 0..tables {
+            visit(table, &[], &mut scratch.stamps, stamp);
+        }
+        if probes > tables {
+            let sequence = probe_sequence(projected, n_hashes, tables, probes - tables);
+            for (table, perturbation) in sequence {
+                visit(table, &perturbation, &mut scratch.stamps, stamp);
+            }
+        }
+        let mut found: Vec<(f32, i64)> = top
+            .into_sorted()
+            .into_iter()
+            .map(|(_, item)| {
+                let item = item as usize;
+                (
+                    kernel::sq_dist(q, &self.vectors[item * dim..(item + 1) * dim]),
+                    self.ids[item],
+                )
+            })
+            .collect();
+        found.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        found
+    }
+
+    /// Writes the index (parameters, projections, vectors, ids; tables are
+    /// rebuilt on load) with a CRC-32, to a temporary file renamed over `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_bytes();
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}",
+            path.file_name()
+                .map_or("index".into(), |n| n.to_string_lossy()),
+            std::process::id()
+        ));
+        let result = (|| -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(CoreError::from)
+    }
+
+    pub fn load(path: &Path, num_threads: usize) -> Result<LshIndex> {
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)?.read_to_end(&mut bytes)?;
+        LshIndex::from_bytes(&bytes, num_threads)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.memory_bytes());
+        out.extend_from_slice(FILE_MAGIC);
+        put_u32(&mut out, FILE_VERSION);
+        let p = &self.params;
+        for v in [
+            p.dim as u64,
+            p.n_tables as u64,
+            p.n_hashes as u64,
+            p.seed,
+            self.default_probes as u64,
+            self.len() as u64,
+        ] {
+            put_u64(&mut out, v);
+        }
+        let width = p.bucket_width.unwrap_or(0.0);
+        out.extend_from_slice(&width.to_le_bytes());
+        for &v in self
+            .projections
+            .iter()
+            .chain(&self.offsets)
+            .chain(&self.vectors)
+        {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for &id in &self.ids {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        let checksum = crc32fast::hash(&out);
+        put_u32(&mut out, checksum);
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8], num_threads: usize) -> Result<LshIndex> {
+        const HEADER: usize = 8 + 4 + 6 * 8 + 4;
+        if bytes.len() < 8 || &bytes[..8] != FILE_MAGIC {
+            return Err(CoreError::corrupt(
+                "not a cml-rs LSH index (the file does not start with CMLRSLSH)",
+            ));
+        }
+        if bytes.len() < HEADER + 4 {
+            return Err(CoreError::corrupt(format!(
+                "the index file is truncated: {} bytes, shorter than its header",
+                bytes.len()
+            )));
+        }
+        let version = get_u32(bytes, 8);
+        if version != FILE_VERSION {
+            return Err(CoreError::corrupt(format!(
+                "the index file has format version {version}; this cml-rs reads version {FILE_VERSION} (use a matching cml-rs)"
+            )));
+        }
+        let field = |i: usize| get_u64(bytes, 12 + 8 * i);
+        let (dim, n_tables, n_hashes, seed, probes, n) =
+            (field(0), field(1), field(2), field(3), field(4), field(5));
+        let width = f32::from_le_bytes(bytes[HEADER - 4..HEADER].try_into().expect("4 bytes"));
+        let n_functions = n_tables.checked_mul(n_hashes);
+        let expected = n_functions
+            .and_then(|f| f.checked_mul(dim).and_then(|fd| fd.checked_add(f)))
+            .and_then(|floats| n.checked_mul(dim).and_then(|nd| nd.checked_add(floats)))
+            .and_then(|floats| floats.checked_mul(4))
+            .and_then(|b| n.checked_mul(8).and_then(|ids| ids.checked_add(b)))
+            .and_then(|b| b.checked_add(HEADER as u64 + 4));
+        match expected {
+            Some(size) if size == bytes.len() as u64 => {}
+            Some(size) if size > bytes.len() as u64 => {
+                return Err(CoreError::corrupt(format!(
+                    "the index file is truncated: {} bytes, expected {size}",
+                    bytes.len()
+                )))
+            }
+            _ => {
+                return Err(CoreError::corrupt(format!(
+                "the index file's header does not match its size ({} bytes); the file is corrupted",
+                bytes.len()
+            )))
+            }
+        }
+        let body = bytes.len() - 4;
+        if crc32fast::hash(&bytes[..body]) != get_u32(bytes, body) {
+            return Err(CoreError::corrupt(
+                "the index file's checksum does not match; the file is corrupted",
+            ));
+        }
+        let (dim, n_tables, n_hashes, n) = (
+            dim as usize,
+            n_tables as usize,
+            n_hashes as usize,
+            n as usize,
+        );
+        let params = LshParams {
+            dim,
+            n_tables,
+            n_hashes,
+            bucket_width: (width > 0.0).then_some(width),
+            seed,
+        };
+        let mut index = LshIndex::new(LshParams {
+            bucket_width: None,
+            ..params.clone()
+        })
+        .map_err(|e| CoreError::corrupt(format!("the index file holds invalid parameters: {e}")))?;
+        index.params = params;
+        let mut floats = bytes[HEADER..body]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")));
+        let n_functions = n_tables * n_hashes;
+        index.projections = floats.by_ref().take(n_functions * dim).collect();
+        index.offsets = floats.by_ref().take(n_functions).collect();
+        index.vectors = floats.take(n * dim).collect();
+        let id_start = HEADER + 4 * (n_functions * (dim + 1) + n * dim);
+        index.ids = bytes[id_start..body]
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        index.default_probes = (probes as usize).max(1);
+        if !index.vectors.iter().all(|v| v.is_finite()) {
+            return Err(CoreError::corrupt(
+                "the index file holds non-finite vectors; the file is corrupted",
+            ));
+        }
+        index.rebuild(num_threads);
+        Ok(index)
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn get_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn get_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Per-task buffers: a stamp per indexed item marks candidates already scored.
+struct Scratch {
+    stamps: Vec<u32>,
+    stamp: u32,
+    projected: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(n_items: usize, n_functions: usize) -> Scratch {
+        Scratch {
+            stamps: vec![0; n_items],
+            stamp: 0,
+            projected: vec![0.0; n_functions],
+        }
+    }
+
+    fn next_query(&mut self) {
+        self.stamp = self.stamp.wrapping_add(1);
+        if self.stamp == 0 {
+            self.stamps.iter_mut().for_each(|s| *s = 0);
+            self.stamp = 1;
+        }
+    }
+}
+
+/// A set of single-coordinate perturbations (indices into a table's sorted
+/// list), ordered by total cost in a min-heap.
+#[derive(Clone, Debug, PartialEq)]
+struct ProbeSet {
+    cost: f32,
+    table: usize,
+    /// Bit j set: the j-th cheapest single perturbation of this table is in the set.
+    members: u64,
+    /// Highest member index.
+    last: usize,
+}
+
+impl Eq for ProbeSet {}
+
+impl Ord for ProbeSet {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Reversed: BinaryHeap is a max-heap and the cheapest set must come out first.
+        other
+            .cost
+            .total_cmp(&self.cost)
+            .then(other.table.cmp(&self.table))
+            .then(other.members.cmp(&self.members))
+    }
+}
+
+impl PartialOrd for ProbeSet {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The `count` cheapest perturbations over the first `tables` tables, each as
+/// `(table, [(coordinate, +-1)])` (Lv et al. 2007, query-directed probing).
+fn probe_sequence(
+    projected: &[f32],
+    n_hashes: usize,
+    tables: usize,
+    count: usize,
+) -> Vec<(usize, Vec<(usize, i32)>)> {
+    // Per table: the 2k single perturbations sorted by cost.
+    let singles: Vec<Vec<(f32, usize, i32)>> = (0..tables)
+        .map(|t| {
+            let mut s: Vec<(f32, usize, i32)> = projected[t * n_hashes..(t + 1) * n_hashes]
+                .iter()
+                .enumerate()
+                .flat_map(|(i, p)| {
+                    let f = p - p.floor();
+                    [(f * f, i, -1), ((1.0 - f) * (1.0 - f), i, 1)]
+                })
+                .collect();
+            s.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+            s
+        })
+        .collect();
+    let mut heap: BinaryHeap<ProbeSet> = (0..tables)
+        .map(|t| ProbeSet {
+            cost: singles[t][0].0,
+            table: t,
+            members: 1,
+            last: 0,
+        })
+        .collect();
+    let mut out = Vec::with_capacity(count);
+    let width = 2 * n_hashes;
+    while out.len() < count {
+        let Some(set) = heap.pop() else { break };
+        let single = &singles[set.table];
+        if set.last + 1 < width {
+            let next = set.last + 1;
+            // shift: replace the highest member by the next one
+            heap.push(ProbeSet {
+                cost: set.cost - single[set.last].0 + single[next].0,
+                members: (set.members & !(1u64 << set.last)) | (1u64 << next),
+                last: next,
+                ..set
+            });
+            // expand: add the next one
+            heap.push(ProbeSet {
+                cost: set.cost + single[next].0,
+                members: set.members | (1u64 << next),
+                last: next,
+                ..set
+            });
+        }
+        let perturbation: Vec<(usize, i32)> = (0..width)
+            .filter(|j| set.members >> j & 1 == 1)
+            .map(|j| (single[j].1, single[j].2))
+            .collect();
+        // Valid only if no coordinate is moved both ways.
+        let mut coords: Vec<usize> = perturbation.iter().map(|p| p.0).collect();
+        coords.sort_unstable();
+        if coords.windows(2).all(|w| w[0] != w[1]) {
+            out.push((set.table, perturbation));
+        }
+    }
+    out
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// Squared distance in f32 with 16 independent lanes (vectorises well).
+#[inline]
+fn sq_dist_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..16 {
+            let d = x[j] - y[j];
+            acc[j] += d * d;
+        }
+    }
+    acc.iter().sum::<f32>()
+        + ra.iter()
+            .zip(rb)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+}
+
+/// Recall of `found` against `truth` (row-major, `k` per query; -1 ignored).
+pub fn recall(found: &Neighbours, truth: &Neighbours) -> f64 {
+    let k = truth.k.min(found.k);
+    let rows = truth.ids.len() / truth.k;
+    let (mut hits, mut total) = (0usize, 0usize);
+    for r in 0..rows {
+        let want: Vec<i64> = truth.ids[r * truth.k..r * truth.k + k]
+            .iter()
+            .copied()
+            .filter(|&i| i >= 0)
+            .collect();
+        let got = &found.ids[r * found.k..r * found.k + k];
+        hits += want.iter().filter(|w| got.contains(w)).count();
+        total += want.len();
+    }
+    if total == 0 {
+        1.0
+    } else {
+        hits as f64 / total as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Points around `clusters` centres (fixed by `clusters`), noise from `seed`.
+    fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<f32> {
+        let mut centre_rng = Rng::stream(clusters as u64, 1, &[]);
+        let centres: Vec<f32> = (0..clusters * dim)
+            .map(|_| centre_rng.normal() as f32 / (dim as f32).sqrt())
+            .collect();
+        let mut rng = Rng::stream(seed, 0, &[]);
+        (0..n)
+            .flat_map(|i| {
+                let c = i % clusters;
+                (0..dim)
+                    .map(|p| centres[c * dim + p] + 0.3 * rng.normal() as f32 / (dim as f32).sqrt())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn index(data: &[f32], dim: usize, tables: usize) -> LshIndex {
+        let mut idx = LshIndex::new(LshParams {
+            dim,
+            n_tables: tables,
+            n_hashes: 8,
+            bucket_width: None,
+            seed: 1,
+        })
+        .unwrap();
+        let ids: Vec<i64> = (0..(data.len() / dim) as i64).collect();
+        idx.add(Vectors::new(data, dim).unwrap(), &ids, 2).unwrap();
+        idx
+    }
+
+    #[test]
+    fn probe_sequence_is_ordered_and_valid() {
+        let projected = [0.1f32, 2.95, -1.5, 0.6, 3.3, 0.49];
+        let seq = probe_sequence(&projected, 3, 2, 20);
+        assert_eq!(seq.len(), 20);
+        let cost = |(t, p): &(usize, Vec<(usize, i32)>)| -> f32 {
+            p.iter()
+                .map(|&(i, d)| {
+                    let x = projected[t * 3 + i];
+                    let f = x - x.floor();
+                    if d < 0 {
+                        f * f
+                    } else {
+                        (1.0 - f) * (1.0 - f)
+                    }
+                })
+                .sum()
+        };
+        let costs: Vec<f32> = seq.iter().map(cost).collect();
+        assert!(costs.windows(2).all(|w| w[0] <= w[1] + 1e-6), "{costs:?}");
+        for (_, p) in &seq {
+            let mut coords: Vec<usize> = p.iter().map(|x| x.0).collect();
+            coords.sort();
+            coords.dedup();
+            assert_eq!(coords.len(), p.len());
+        }
+        // The cheapest single move: table 0, coordinate 1 (2.95 -> +1 costs 0.0025).
+        assert_eq!(seq[0], (0, vec![(1, 1)]));
+    }
+
+    #[test]
+    fn recall_grows_with_probes_and_reaches_high_values() {
+        let dim = 16;
+        let data = clustered(4000, dim, 40, 2);
+        let idx = index(&data, dim, 8);
+        let queries = clustered(200, dim, 40, 3);
+        let q = Vectors::new(&queries, dim).unwrap();
+        let truth = crate::topk::topk_l2(q, idx.vectors(), 10, None, 1).unwrap();
+        let few = recall(&idx.query(q, 10, Some(8), None, None, 1).unwrap(), &truth);
+        let many = recall(&idx.query(q, 10, Some(400), None, None, 1).unwrap(), &truth);
+        assert!(many >= few, "{few} {many}");
+        assert!(many > 0.9, "recall with many probes {many}");
+        // Exact distances for what is found.
+        let found = idx.query(q, 10, Some(400), None, None, 2).unwrap();
+        for (slot, &id) in found.ids.iter().enumerate() {
+            if id >= 0 {
+                let qi = slot / 10;
+                let d = kernel::sq_dist(q.row(qi), idx.vectors().row(id as usize));
+                assert_eq!(d, found.sqdist[slot]);
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_threads_and_exclusions_hold() {
+        let dim = 8;
+        let data = clustered(3000, dim, 30, 4);
+        let idx = index(&data, dim, 6);
+        let queries = clustered(300, dim, 30, 5);
+        let q = Vectors::new(&queries, dim).unwrap();
+        let a = idx.query(q, 20, Some(60), None, None, 1).unwrap();
+        let b = idx.query(q, 20, Some(60), None, None, 4).unwrap();
+        assert_eq!(a, b);
+        let rows: Vec<Vec<u32>> = (0..300)
+            .map(|r| {
+                let found = &a.ids[r * 20..r * 20 + 5];
+                found
+                    .iter()
+                    .filter(|&&i| i >= 0)
+                    .map(|&i| i as u32)
+                    .collect()
+            })
+            .collect();
+        let exclude = Csr::from_rows(3000, &rows).unwrap();
+        let c = idx.query(q, 20, Some(60), None, Some(&exclude), 2).unwrap();
+        for r in 0..300 {
+            for id in &c.ids[r * 20..(r + 1) * 20] {
+                assert!(*id < 0 || !rows[r].contains(&(*id as u32)));
+            }
+        }
+    }
+
+    #[test]
+    fn round_trips_through_bytes_and_rejects_damage() {
+        let dim = 4;
+        let data = clustered(500, dim, 5, 6);
+        let idx = index(&data, dim, 3);
+        let bytes = idx.to_bytes();
+        let back = LshIndex::from_bytes(&bytes, 1).unwrap();
+        let q = Vectors::new(&data[..40], dim).unwrap();
+        assert_eq!(
+            idx.query(q, 5, Some(9), None, None, 1).unwrap(),
+            back.query(q, 5, Some(9), None, None, 1).unwrap()
+        );
+        assert!(LshIndex::from_bytes(&bytes[..bytes.len() - 10], 1)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        let mut flipped = bytes.clone();
+        flipped[200] ^= 1;
+        assert!(LshIndex::from_bytes(&flipped, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
+        let mut version = bytes.clone();
+        version[8] = 9;
+        assert!(LshIndex::from_bytes(&version, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("version 9"));
+        assert!(LshIndex::from_bytes(b"garbage", 1)
+            .unwrap_err()
+            .to_string()
+            .contains("not a cml-rs LSH index"));
+    }
+
+    #[test]
+    fn rejects_bad_use() {
+        let params = LshParams {
+            dim: 3,
+            n_tables: 2,
+            n_hashes: 4,
+            bucket_width: None,
+            seed: 0,
+        };
+        let mut idx = LshIndex::new(params.clone()).unwrap();
+        let q = [0f32; 3];
+        let qv = Vectors::new(&q, 3).unwrap();
+        assert!(idx
+            .query(qv, 1, None, None, None, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        let data = [0f32, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let err = idx
+            .add(Vectors::new(&data, 3).unwrap(), &[7, 7], 1)
+            .unwrap_err();
+        assert!(err.to_string().contains("id 7 occurs more than once"));
+        assert!(idx
+            .add(Vectors::new(&data, 2).unwrap(), &[1, 2, 3], 1)
+            .unwrap_err()
+            .to_string()
+            .contains("3 columns"));
+        assert!(LshIndex::new(LshParams {
+            n_hashes: 40,
+            ..params.clone()
+        })
+        .is_err());
+        assert!(LshIndex::new(LshParams {
+            bucket_width: Some(-1.0),
+            ..params
+        })
+        .is_err());
+    }
+}
