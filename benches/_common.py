@@ -76,3 +76,46 @@ def report(name: str, command: str, sections: list[str], data: dict[str, Any]) -
     print(text)
     (OUT_DIR / f"{name}.md").write_text(text + "\n")
     (OUT_DIR / f"{name}.json").write_text(json.dumps({"date": stamp, "machine": machine(), **data}, indent=2))
+
+
+def clustered_unit_ball(
+    n: int, dim: int = 100, n_clusters: int = 2000, spread: float = 0.35, seed: int = 0, centre_seed: int = 1234
+) -> np.ndarray:
+    """Vectors shaped like trained CML embeddings: a seeded mixture of `n_clusters`
+    clusters of uneven size (Zipf weights) and radius (about `spread`, log-normal),
+    around centres of norm 0.5-0.9, clipped into the unit ball. Within a cluster
+    the spread decays over directions (variance ~ 1/(j+1) in a random basis, about
+    16 effective dimensions), as in learned embeddings, so near neighbours are
+    meaningfully nearer than the rest of their cluster. Queries drawn with
+    another `seed` share the clusters."""
+    structure = np.random.default_rng(centre_seed)
+    directions = structure.standard_normal((n_clusters, dim))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    centres = directions * structure.uniform(0.5, 0.9, (n_clusters, 1))
+    weights = 1.0 / np.sqrt(np.arange(1, n_clusters + 1))
+    weights = structure.permutation(weights / weights.sum())
+    radii = spread * structure.lognormal(0.0, 0.3, n_clusters)
+    basis, _ = np.linalg.qr(structure.standard_normal((dim, dim)))
+    profile = 1.0 / np.sqrt(np.arange(1, dim + 1))
+    profile /= np.linalg.norm(profile)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        labels = rng.choice(n_clusters, stop - start, p=weights)
+        noise = (rng.standard_normal((stop - start, dim)) * profile) @ basis.T
+        points = centres[labels] + noise * radii[labels, None]
+        norms = np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1.0)
+        out[start:stop] = points / norms
+    return out
+
+
+def uniform_unit_vectors(n: int, dim: int = 100, seed: int = 0) -> np.ndarray:
+    """Uniform random directions on the unit sphere (the worst case for any index)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        x = rng.standard_normal((stop - start, dim))
+        out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out

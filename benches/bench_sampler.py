@@ -13,9 +13,10 @@ import argparse
 import sys
 import time
 
-import cml_rs
 import numpy as np
 import scipy.sparse as sp
+
+import cml_rs
 from cml_rs import datasets
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))

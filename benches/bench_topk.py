@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import cml_rs
 import numpy as np
+
+import cml_rs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import report, table
@@ -163,9 +164,7 @@ def main() -> None:
         f"on {min(d['top50_agreement_with_numpy'] for d in data.values()):.4f} of slots (rest are float "
         "ties). Targets: >= 1.5x the faster of numpy/torch; distance GFLOP/s >= 70% of sgemm."
     )
-    report(
-        "topk", f"python benches/bench_topk.py --threads {args.threads} --queries {args.queries}", lines, data
-    )
+    report("topk", f"python benches/bench_topk.py --threads {args.threads} --queries {args.queries}", lines, data)
 
 
 if __name__ == "__main__":

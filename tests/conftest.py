@@ -6,10 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-import cml_rs
 import numpy as np
 import pytest
 import scipy.sparse as sp
+
+import cml_rs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
-import cml_rs
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+
+import cml_rs
 from cml_rs.nn import rank_weights_torch
 
 

@@ -7,12 +7,13 @@ import pickle
 import threading
 from collections import Counter
 
-import cml_rs
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
 from conftest import random_interactions
+
+import cml_rs
 
 
 def epoch_pairs(sampler: cml_rs.WarpSampler) -> list:

@@ -8,16 +8,53 @@ torch does the learning.
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import _native
-from .kernels import rank_weights, sqdist, topk_l2
-from .sampling import WarpSampler
 
 __version__: str = _native.__version__
 
+from .kernels import rank_weights, sqdist, topk_l2
+from .sampling import WarpSampler
+
 __all__ = [
+    "CML",
+    "CollaborativeMetricLearning",
+    "LshIndex",
     "WarpSampler",
     "__version__",
+    "datasets",
+    "evaluation",
+    "nn",
     "rank_weights",
+    "retrieval",
     "sqdist",
     "topk_l2",
 ]
+
+# torch, scipy.stats and friends load only when the model side is used.
+_LAZY = {
+    "CML": ("model", "CML"),
+    "CollaborativeMetricLearning": ("model", "CollaborativeMetricLearning"),
+    "LshIndex": ("lsh", "LshIndex"),
+    "datasets": ("datasets", None),
+    "evaluation": ("evaluation", None),
+    "nn": ("nn", None),
+    "retrieval": ("retrieval", None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(f".{module_name}", __name__)
+        value = module if attribute is None else getattr(module, attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cml_rs' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

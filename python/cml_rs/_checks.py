@@ -24,9 +24,7 @@ def as_vectors(x: Any, name: str, dim: int | None = None) -> np.ndarray:
         array = np.asarray(x)
     except (TypeError, ValueError) as error:
         raise TypeError(f"{name} must be an array of numbers: {error}") from None
-    if array.dtype == object or not (
-        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
-    ):
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
     if array.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n, d), got shape {array.shape}")
@@ -54,8 +52,7 @@ def as_csr(matrix: Any, name: str, n_rows: int | None = None, n_cols: int | None
         )
     if matrix.format != "csr":
         warnings.warn(
-            f"{name} is a {matrix.format.upper()} matrix; converting it to CSR once "
-            f"(pass CSR to avoid the copy)",
+            f"{name} is a {matrix.format.upper()} matrix; converting it to CSR once (pass CSR to avoid the copy)",
             stacklevel=3,
         )
         matrix = matrix.tocsr()

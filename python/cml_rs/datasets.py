@@ -145,9 +145,7 @@ def _ints(path: Path, number: int, text: str) -> list[int]:
     try:
         return [int(token) for token in text.split()]
     except ValueError:
-        raise ValueError(
-            f"{path}:{number}: expected whitespace-separated integers, got {text[:80]!r}"
-        ) from None
+        raise ValueError(f"{path}:{number}: expected whitespace-separated integers, got {text[:80]!r}") from None
 
 
 def _counted_rows(path: Path) -> list[list[int]]:
@@ -159,16 +157,12 @@ def _counted_rows(path: Path) -> list[list[int]]:
             rows.append([])
             continue
         if values[0] != len(values) - 1:
-            raise ValueError(
-                f"{path}:{number}: the line starts with count {values[0]} but lists {len(values) - 1} ids"
-            )
+            raise ValueError(f"{path}:{number}: the line starts with count {values[0]} but lists {len(values) - 1} ids")
         rows.append(values[1:])
     return rows
 
 
-def _csr_from_rows(
-    rows: list[list[int]], n_cols: int | None = None, path: Path | None = None
-) -> sp.csr_matrix:
+def _csr_from_rows(rows: list[list[int]], n_cols: int | None = None, path: Path | None = None) -> sp.csr_matrix:
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     indices = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(indptr[-1]))
@@ -224,20 +218,14 @@ def load_citeulike(path: str | os.PathLike | None = None, min_tag_items: int = 1
     tag_rows = _counted_rows(folder / "tag-item.dat")
     tag_names = [text for _, text in _lines(folder / "tags.dat")]
     if len(tag_names) != len(tag_rows):
-        raise ValueError(
-            f"{folder / 'tags.dat'} names {len(tag_names)} tags but tag-item.dat has {len(tag_rows)}"
-        )
+        raise ValueError(f"{folder / 'tags.dat'} names {len(tag_names)} tags but tag-item.dat has {len(tag_rows)}")
     tag_items = _csr_from_rows(tag_rows, n_items, folder / "tag-item.dat")  # tags x items
     keep = np.flatnonzero(np.diff(tag_items.indptr) >= min_tag_items)
     tags = tag_items[keep].T.tocsr()
     kept_names = [tag_names[t] for t in keep]
 
     words = _load_mult(folder / "mult.dat")
-    vocabulary = (
-        [text for _, text in _lines(folder / "vocabulary.dat")]
-        if (folder / "vocabulary.dat").exists()
-        else []
-    )
+    vocabulary = [text for _, text in _lines(folder / "vocabulary.dat")] if (folder / "vocabulary.dat").exists() else []
     return Dataset(
         name="citeulike-t",
         user_items=users,
@@ -280,9 +268,7 @@ def load_movielens_100k(path: str | os.PathLike | None = None, min_rating: float
     for number, text in _lines(folder / "u.data"):
         parts = text.split("\t")
         if len(parts) < 3:
-            raise ValueError(
-                f"{folder / 'u.data'}:{number}: expected 'user<TAB>item<TAB>rating', got {text!r}"
-            )
+            raise ValueError(f"{folder / 'u.data'}:{number}: expected 'user<TAB>item<TAB>rating', got {text!r}")
         try:
             users.append(int(parts[0]))
             items.append(int(parts[1]))
@@ -481,10 +467,7 @@ def load_gowalla(path: str | os.PathLike | None = None) -> Dataset:
     folder = _folder(path, "gowalla")
     user_ids = _id_map(folder / "user_list.txt", header=True)
     item_ids = _id_map(folder / "item_list.txt", header=True)
-    parts = [
-        _user_line_file(folder / f, len(user_ids), len(item_ids))
-        for f in ("train.txt", "valid.txt", "test.txt")
-    ]
+    parts = [_user_line_file(folder / f, len(user_ids), len(item_ids)) for f in ("train.txt", "valid.txt", "test.txt")]
     return Dataset(
         name="gowalla",
         user_items=(parts[0] + parts[1] + parts[2]).tocsr(),
@@ -529,9 +512,9 @@ def load_interactions(
         split = lambda s: next(csv.reader(io.StringIO(s)))  # noqa: E731  (quoted fields)
     names = [f.strip() for f in split(first)]
     if header is None:
-        header = any(
-            isinstance(c, str) for c in (user_column, item_column, value_column) if c is not None
-        ) or (value_column is not None and not _is_number(names[_position(value_column, names, path)]))
+        header = any(isinstance(c, str) for c in (user_column, item_column, value_column) if c is not None) or (
+            value_column is not None and not _is_number(names[_position(value_column, names, path)])
+        )
     position = {
         key: _position(col, names, path) if col is not None else None
         for key, col in (("user", user_column), ("item", item_column), ("value", value_column))
@@ -553,9 +536,7 @@ def load_interactions(
             try:
                 value = float(fields[position["value"]])
             except ValueError:
-                raise ValueError(
-                    f"{path}:{number}: value {fields[position['value']]!r} is not a number"
-                ) from None
+                raise ValueError(f"{path}:{number}: value {fields[position['value']]!r} is not a number") from None
             if min_value is not None and value < min_value:
                 continue
         rows.append(user_map.setdefault(fields[position["user"]], len(user_map)))
@@ -563,9 +544,7 @@ def load_interactions(
         values.append(value)
     if not rows:
         raise ValueError(f"{path}: no interaction passed the filters")
-    matrix = sp.csr_matrix(
-        (np.asarray(values, np.float32), (rows, cols)), shape=(len(user_map), len(item_map))
-    )
+    matrix = sp.csr_matrix((np.asarray(values, np.float32), (rows, cols)), shape=(len(user_map), len(item_map)))
     matrix.sum_duplicates()
     return Dataset(
         name=path.stem,
@@ -612,8 +591,8 @@ def synthetic(
     cluster with probability ``in_cluster`` and from the whole catalogue
     otherwise, each by popularity. Users are generated ``chunk_users`` at a
     time, so 1M users x 300k items x 10M interactions fits in a few hundred MB.
-    Repeated draws count once, so the matrix holds slightly fewer than
-    ``n_interactions`` entries. ``item_labels`` holds each item's cluster.
+    Repeated draws count once and are redrawn, so the matrix holds about
+    ``n_interactions`` distinct entries. ``item_labels`` holds each item's cluster.
     """
     rng = np.random.default_rng(seed)
     item_cluster = rng.integers(0, n_clusters, n_items)
@@ -631,27 +610,35 @@ def synthetic(
     counts = np.maximum(1, np.round(activity / activity.sum() * n_interactions)).astype(np.int64)
     counts = np.minimum(counts, n_items // 2)
 
-    indptr_parts, index_parts = [np.zeros(1, np.int64)], []
-    offset = 0
-    for start in range(0, n_users, chunk_users):
-        stop = min(start + chunk_users, n_users)
-        draws = counts[start:stop]
-        owners = np.repeat(np.arange(start, stop), draws)
+    def draw(owners: np.ndarray) -> np.ndarray:
+        """One item per entry of ``owners``: in-cluster or global, by popularity."""
         clusters = user_cluster[owners]
         local = rng.uniform(size=len(owners))
         lo, hi = cluster_lo[clusters], cluster_hi[clusters]
         inside = (rng.uniform(size=len(owners)) < in_cluster) & ~np.isnan(lo)
         items = np.empty(len(owners), dtype=np.int64)
-        items[inside] = by_cluster[
-            np.searchsorted(
-                cum_within, lo[inside] + local[inside] * (hi[inside] - lo[inside]), side="right"
-            ).clip(0, n_items - 1)
-        ]
+        targets = lo[inside] + local[inside] * (hi[inside] - lo[inside])
+        items[inside] = by_cluster[np.searchsorted(cum_within, targets, side="right").clip(0, n_items - 1)]
         outside = ~inside
-        items[outside] = np.searchsorted(global_cum, local[outside] * global_cum[-1], side="right").clip(
-            0, n_items - 1
-        )
-        chunk = _binary(owners - start, items, (stop - start, n_items))
+        global_targets = local[outside] * global_cum[-1]
+        items[outside] = np.searchsorted(global_cum, global_targets, side="right").clip(0, n_items - 1)
+        return items
+
+    indptr_parts, index_parts = [np.zeros(1, np.int64)], []
+    offset = 0
+    for start in range(0, n_users, chunk_users):
+        stop = min(start + chunk_users, n_users)
+        wanted = counts[start:stop]
+        chunk = sp.csr_matrix((stop - start, n_items), dtype=np.float32)
+        # Repeated draws count once; draw again for the shortfall a few times.
+        for _ in range(8):
+            missing = wanted - np.diff(chunk.indptr)
+            if missing.sum() <= 0.001 * wanted.sum():
+                break
+            owners = np.repeat(np.arange(start, stop), np.maximum(missing, 0))
+            extra = _binary(owners - start, draw(owners), chunk.shape)
+            chunk = (chunk + extra).tocsr()
+            chunk.data[:] = 1.0
         indptr_parts.append(chunk.indptr[1:].astype(np.int64) + offset)
         index_parts.append(chunk.indices)
         offset += chunk.nnz
@@ -757,15 +744,11 @@ class Split:
                 or indptr[-1] != len(indices)
                 or (len(indices) and indices.max() >= shape[1])
             ):
-                raise ValueError(
-                    f"{path}: the {name} part is inconsistent with shape {shape}; the file is damaged"
-                )
+                raise ValueError(f"{path}: the {name} part is inconsistent with shape {shape}; the file is damaged")
             parts.append(sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=shape))
         split = cls(*parts, seed=int(meta["seed"]), note=str(meta.get("note", "")))
         if split.fingerprint() != meta["fingerprint"]:
-            raise ValueError(
-                f"{path}: the split does not match its recorded fingerprint; the file is damaged"
-            )
+            raise ValueError(f"{path}: the split does not match its recorded fingerprint; the file is damaged")
         return split
 
 
@@ -857,7 +840,6 @@ def _load_checked_npz(
     version = meta.get("version")
     if not isinstance(version, int) or version > max_version:
         raise ValueError(
-            f"{path} was written by format version {version}; "
-            f"this cml-rs reads up to {max_version} (upgrade cml-rs)"
+            f"{path} was written by format version {version}; this cml-rs reads up to {max_version} (upgrade cml-rs)"
         )
     return arrays, meta

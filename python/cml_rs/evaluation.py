@@ -46,7 +46,9 @@ def _factors(model_or_factors: Any) -> tuple[np.ndarray, np.ndarray]:
     elif hasattr(model_or_factors, "user_factors") and hasattr(model_or_factors, "item_factors"):
         users, items = model_or_factors.user_factors, model_or_factors.item_factors
     else:
-        raise TypeError("pass a fitted model (with user_factors / item_factors) or a (user_factors, item_factors) tuple")
+        raise TypeError(
+            "pass a fitted model (with user_factors / item_factors) or a (user_factors, item_factors) tuple"
+        )
     users = as_vectors(users, "user_factors")
     return users, as_vectors(items, "item_factors", dim=users.shape[1])
 
@@ -145,4 +147,9 @@ def compare(a: RankingMetrics, b: RankingMetrics, metric: str = "recall") -> dic
     difference = x - y
     wilcoxon = stats.wilcoxon(x, y).pvalue if np.any(difference != 0) else 1.0
     ttest = stats.ttest_rel(x, y).pvalue if np.any(difference != 0) else 1.0
-    return {"users": len(common), "mean_difference": float(difference.mean()), "wilcoxon_p": float(wilcoxon), "ttest_p": float(ttest)}
+    return {
+        "users": len(common),
+        "mean_difference": float(difference.mean()),
+        "wilcoxon_p": float(wilcoxon),
+        "ttest_p": float(ttest),
+    }

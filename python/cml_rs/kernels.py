@@ -83,14 +83,11 @@ def topk_l2(
     item_array = as_vectors(items, "items")
     if item_array.shape[1] != query_array.shape[1]:
         raise ValueError(
-            f"queries must have {item_array.shape[1]} columns (the item dimension), "
-            f"got {query_array.shape[1]}"
+            f"queries must have {item_array.shape[1]} columns (the item dimension), got {query_array.shape[1]}"
         )
     excluded = None
     if exclude is not None:
-        excluded = csr_arrays(
-            as_csr(exclude, "exclude", n_rows=query_array.shape[0], n_cols=item_array.shape[0])
-        )
+        excluded = csr_arrays(as_csr(exclude, "exclude", n_rows=query_array.shape[0], n_cols=item_array.shape[0]))
     ids, dist = _native.topk_l2(
         query_array, item_array, check_positive_int(k, "k"), excluded, check_num_threads(num_threads)
     )

@@ -20,6 +20,7 @@ For people with their own training loop::
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,9 +119,7 @@ def clip_rows(vectors: Tensor, max_norm: float) -> Tensor:
 
 
 @torch.no_grad()
-def rank_weights_torch(
-    pos_dist: Tensor, neg_dist: Tensor, margin: float, n_items: int
-) -> tuple[Tensor, Tensor]:
+def rank_weights_torch(pos_dist: Tensor, neg_dist: Tensor, margin: float, n_items: int) -> tuple[Tensor, Tensor]:
     """WARP rank weights and hardest negatives on any device (same as :func:`cml_rs.rank_weights`).
 
     ``w = log(floor(n_items * M / U) + 1)`` with M the negatives inside the
@@ -177,24 +176,46 @@ def _weighted_sum(pair_loss: Tensor, weights: Tensor, rank_weighted: bool) -> Te
     return pair_loss.sum()
 
 
-def covariance_loss(vectors: Tensor) -> Tensor:
-    """Sum of squared off-diagonal entries of the covariance of ``vectors``' columns.
+def covariance_loss(*blocks: Tensor) -> Tensor:
+    """Sum of squared off-diagonal entries of the covariance of the rows' columns.
 
-    C = X_c^T X_c / N with X_c mean-centred; penalising C_ab^2 (a != b)
-    decorrelates the dimensions. (The reference code summed the signed entries,
-    which rewards negative correlation; SPEC section 2 says why that is wrong.)
+    The rows are those of all ``blocks`` stacked (e.g. the user and the item
+    vectors), without copying them together. C = X_c^T X_c / N with X_c
+    mean-centred; penalising C_ab^2 (a != b) decorrelates the dimensions. (The
+    reference code summed the signed entries, which rewards negative
+    correlation; SPEC section 2 says why that is wrong.) The gradient is
+    computed in closed form, ``4 / N * X_c C_off``: one Gram product forward
+    and one product backward, about half of what autograd spends.
     """
-    centred = vectors - vectors.mean(dim=0, keepdim=True)
-    cov = centred.T @ centred / vectors.shape[0]
-    return cov.pow(2).sum() - cov.diagonal().pow(2).sum()
+    return _CovariancePenalty.apply(*blocks)
+
+
+class _CovariancePenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, *blocks: Tensor) -> Tensor:
+        n_rows = sum(block.shape[0] for block in blocks)
+        mean = sum(block.sum(dim=0) for block in blocks) / n_rows
+        gram = sum(block.T @ block for block in blocks)
+        cov = gram / n_rows - torch.outer(mean, mean)
+        off_diagonal = cov - torch.diag(torch.diagonal(cov))
+        ctx.save_for_backward(off_diagonal, mean, *blocks)
+        ctx.n_rows = n_rows
+        return off_diagonal.pow(2).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        off_diagonal, mean, *blocks = ctx.saved_tensors
+        scale = grad * (4.0 / ctx.n_rows)
+        return tuple(
+            ((block - mean) @ off_diagonal) * scale if needs else None
+            for block, needs in zip(blocks, ctx.needs_input_grad)
+        )
 
 
 class FeatureProjector(torch.nn.Module):
     """f(x): item features -> 256 ReLU -> dim, dropout 0.5, output clipped to the ball (CML+F)."""
 
-    def __init__(
-        self, n_features: int, dim: int, hidden: int = 256, dropout: float = 0.5, max_norm: float = 1.0
-    ):
+    def __init__(self, n_features: int, dim: int, hidden: int = 256, dropout: float = 0.5, max_norm: float = 1.0):
         super().__init__()
         self.hidden = torch.nn.Linear(n_features, hidden)
         self.output = torch.nn.Linear(hidden, dim)

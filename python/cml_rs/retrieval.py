@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Protocol, Union
 
 import numpy as np
-import scipy.sparse as sp
 
 from ._checks import as_csr, as_queries, as_vectors, check_num_threads, check_positive_int
 from .kernels import topk_l2
@@ -162,12 +161,15 @@ def _hnsw_threads(num_threads: int) -> int:
     return -1 if num_threads == 0 else num_threads
 
 
-def build_index(backend: Backend, vectors: Any, seed: int = 0, **options: Any) -> NearestNeighbourIndex:
+def build_index(
+    backend: Backend, vectors: Any, seed: int = 0, tune_queries: Any | None = None, **options: Any
+) -> NearestNeighbourIndex:
     """An index of ``vectors`` for ``backend`` ("exact", "lsh", "hnsw"); an index object is returned as is.
 
     ``options`` go to the backend's constructor (e.g. ``n_tables`` for LSH,
-    ``M`` / ``ef`` for HNSW). The LSH index is tuned to 90% recall@10 on a
-    sample of the vectors themselves unless ``tune=False``.
+    ``M`` / ``ef`` for HNSW). The LSH index is tuned to 95% recall@50 on
+    ``tune_queries`` (default: a sample of the vectors themselves) unless
+    ``tune=False``.
     """
     if not isinstance(backend, str):
         return backend
@@ -183,9 +185,9 @@ def build_index(backend: Backend, vectors: Any, seed: int = 0, **options: Any) -
         index = LshIndex(array.shape[1], seed=seed, **options)
         index.add_items(array)
         if tune:
-            rng = np.random.default_rng(seed)
-            sample = array[rng.choice(len(array), min(len(array), 500), replace=False)]
-            index.tune(sample, k=10, target_recall=0.9)
+            if tune_queries is None:
+                rng = np.random.default_rng(seed)
+                tune_queries = array[rng.choice(len(array), min(len(array), 500), replace=False)]
+            index.tune(tune_queries, k=min(50, len(array)), target_recall=0.95)
         return index
     raise ValueError(f"backend must be 'exact', 'lsh', 'hnsw' or an index object, got {backend!r}")
-

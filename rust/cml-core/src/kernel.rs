@@ -120,7 +120,28 @@ unsafe fn tile_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::{lanes_dot, lanes_sq_dist};
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        lanes_dot::<true>(a, b)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sq_dist_avx512(a: &[f32], b: &[f32]) -> f32 {
+        lanes_sq_dist::<true>(a, b)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        lanes_dot::<true>(a, b)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sq_dist_avx2(a: &[f32], b: &[f32]) -> f32 {
+        lanes_sq_dist::<true>(a, b)
+    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_avx512(
@@ -195,6 +216,107 @@ mod x86 {
             *masks.add(i) = m0 | (m1 << 8);
         }
     }
+}
+
+/// Dot product and squared distance of two vectors, compiled for the best
+/// instruction set this CPU has (chosen once, like the tile kernels).
+#[derive(Clone, Copy, Debug)]
+pub struct VectorOps {
+    dot: unsafe fn(&[f32], &[f32]) -> f32,
+    sq_dist: unsafe fn(&[f32], &[f32]) -> f32,
+}
+
+impl VectorOps {
+    /// The variant for this CPU.
+    pub fn best() -> &'static VectorOps {
+        static OPS: std::sync::OnceLock<VectorOps> = std::sync::OnceLock::new();
+        OPS.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    return VectorOps {
+                        dot: x86::dot_avx512,
+                        sq_dist: x86::sq_dist_avx512,
+                    };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    return VectorOps {
+                        dot: x86::dot_avx2,
+                        sq_dist: x86::sq_dist_avx2,
+                    };
+                }
+            }
+            VectorOps {
+                dot: |a, b| lanes_dot::<false>(a, b),
+                sq_dist: |a, b| lanes_sq_dist::<false>(a, b),
+            }
+        })
+    }
+
+    #[inline]
+    pub fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+        debug_assert_eq!(a.len(), b.len());
+        // SAFETY: the function pointer was chosen for features this CPU has.
+        unsafe { (self.dot)(a, b) }
+    }
+
+    #[inline]
+    pub fn sq_dist(&self, a: &[f32], b: &[f32]) -> f32 {
+        debug_assert_eq!(a.len(), b.len());
+        // SAFETY: as in `dot`.
+        unsafe { (self.sq_dist)(a, b) }
+    }
+}
+
+const LANES: usize = 16;
+
+/// Sum over 16 independent lanes (vectorises to one zmm or two ymm registers);
+/// `FMA` fuses multiply and add, which only pays where the CPU has it.
+#[inline(always)]
+fn lanes_dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for j in 0..LANES {
+            acc[j] = if FMA {
+                x[j].mul_add(y[j], acc[j])
+            } else {
+                acc[j] + x[j] * y[j]
+            };
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn lanes_sq_dist<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for j in 0..LANES {
+            let d = x[j] - y[j];
+            acc[j] = if FMA {
+                d.mul_add(d, acc[j])
+            } else {
+                acc[j] + d * d
+            };
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Packs rows `rows` of the row-major `data` (`dim` columns) into k-major
@@ -275,6 +397,24 @@ mod tests {
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = Rng::stream(seed, 0, &[]);
         (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    #[test]
+    fn vector_ops_match_naive_formulas() {
+        let ops = VectorOps::best();
+        for n in [1, 15, 16, 17, 100] {
+            let a = random(n, 7);
+            let b = random(n, 8);
+            let dot: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let dist: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+                .sum();
+            assert!((ops.dot(&a, &b) as f64 - dot).abs() < 1e-4, "{n}");
+            assert!((ops.sq_dist(&a, &b) as f64 - dist).abs() < 1e-4, "{n}");
+            assert!((lanes_dot::<false>(&a, &b) as f64 - dot).abs() < 1e-4);
+        }
     }
 
     /// Every available kernel equals the naive formula on a random tile,

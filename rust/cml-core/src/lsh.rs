@@ -24,9 +24,9 @@
 //! Costs: build O(n * L * k * dim); query O(L * k * dim + probes * (log + bucket)
 //! + candidates * dim); memory n * dim * 4 + n * 8 + L * (4n + 16 * buckets * 2).
 
-use crate::csr::Csr;
+use crate::csr::{prefetch, Csr};
 use crate::error::{CoreError, Result};
-use crate::kernel;
+use crate::kernel::{self, VectorOps};
 use crate::parallel;
 use crate::rng::{mix64, tag, Rng};
 use crate::topk::{Neighbours, TopK, Vectors};
@@ -40,6 +40,13 @@ const FILE_MAGIC: &[u8; 8] = b"CMLRSLSH";
 const FILE_VERSION: u32 = 1;
 /// Queries per parallel task.
 const QUERIES_PER_TASK: usize = 64;
+/// Probability that a typical 10th nearest neighbour lands in the query's
+/// bucket of one table, which the automatic bucket width aims for.
+const TABLE_COLLISION_TARGET: f64 = 0.035;
+/// Probes whose buckets are fetched together.
+const PROBE_BATCH: usize = 16;
+/// Candidates prefetched ahead of the one being scored.
+const PREFETCH_AHEAD: usize = 6;
 
 /// How an index hashes.
 #[derive(Clone, Debug, PartialEq)]
@@ -97,7 +104,7 @@ impl Table {
     #[inline]
     fn bucket(&self, key: u64) -> &[u32] {
         let mask = self.map.len() - 1;
-        let mut slot = (mix64(key) as usize) & mask;
+        let mut slot = self.home_slot(key);
         loop {
             let b = self.map[slot];
             if b.len == 0 {
@@ -108,6 +115,17 @@ impl Table {
             }
             slot = (slot + 1) & mask;
         }
+    }
+
+    #[inline]
+    fn home_slot(&self, key: u64) -> usize {
+        (mix64(key) as usize) & (self.map.len() - 1)
+    }
+
+    /// Starts loading the map entry `key` would be found at.
+    #[inline]
+    fn prefetch_key(&self, key: u64) {
+        prefetch(&self.map[self.home_slot(key)]);
     }
 
     fn memory_bytes(&self) -> usize {
@@ -126,15 +144,26 @@ pub struct LshIndex {
     vectors: Vec<f32>,
     ids: Vec<i64>,
     tables: Vec<Table>,
-    /// Probes per query when the caller does not say (set by `tune`).
+    /// Probes per query when the caller does not say (set by tuning).
     default_probes: usize,
+    /// Tables searched when the caller does not say (a prefix of the tables built).
+    default_tables: usize,
 }
 
-/// The bucket key of a hash tuple.
+/// The hash of one coordinate's slot. A bucket key is the wrapping sum of
+/// its coordinates' slot hashes, so moving a coordinate by +-1 shifts the key by
+/// a difference computed once per query, and a probe's key costs one addition
+/// per moved coordinate.
 #[inline]
-fn bucket_key(hashes: impl Iterator<Item = i32>) -> u64 {
-    hashes.fold(0x243F_6A88_85A3_08D3u64, |acc, h| {
-        mix64(acc ^ (h as u32 as u64).wrapping_add(0x9E37_79B9))
+fn slot_hash(coordinate: usize, slot: i32) -> u64 {
+    mix64(((coordinate as u64) << 32 | slot as u32 as u64) ^ 0x243F_6A88_85A3_08D3)
+}
+
+/// The bucket key of the slots of one table's hashes.
+#[inline]
+fn bucket_key(slots: impl Iterator<Item = i32>) -> u64 {
+    slots.enumerate().fold(0u64, |key, (coordinate, slot)| {
+        key.wrapping_add(slot_hash(coordinate, slot))
     })
 }
 
@@ -174,8 +203,10 @@ impl LshIndex {
             ids: Vec::new(),
             tables: Vec::new(),
             default_probes: 0,
+            default_tables: 0,
         };
         index.default_probes = 4 * index.params.n_tables;
+        index.default_tables = index.params.n_tables;
         if let Some(w) = index.params.bucket_width {
             index.scale_projections(w);
         }
@@ -213,8 +244,24 @@ impl LshIndex {
         self.default_probes
     }
 
-    pub fn set_default_probes(&mut self, probes: usize) {
-        self.default_probes = probes.max(1);
+    pub fn default_tables(&self) -> usize {
+        self.default_tables
+    }
+
+    /// Sets the probes and tables a query uses when it does not say.
+    pub fn set_defaults(&mut self, probes: usize, tables: usize) -> Result<()> {
+        if probes == 0 {
+            return Err(CoreError::invalid("n_probes must be at least 1, got 0"));
+        }
+        if tables == 0 || tables > self.params.n_tables {
+            return Err(CoreError::invalid(format!(
+                "n_tables must be between 1 and {} (the tables built), got {tables}",
+                self.params.n_tables
+            )));
+        }
+        self.default_probes = probes;
+        self.default_tables = tables;
+        Ok(())
     }
 
     /// Bytes held: vectors, ids, projections and tables.
@@ -266,9 +313,12 @@ impl LshIndex {
         Ok(())
     }
 
-    /// w from the data: twice the median distance from a sample of points to
-    /// their 10th nearest neighbour, the scale at which neighbours should
-    /// share slots.
+    /// w from the data: the width at which a point at the median distance to a
+    /// sample point's 10th nearest neighbour shares a whole table bucket
+    /// (all `n_hashes` slots) with probability [`TABLE_COLLISION_TARGET`]. The
+    /// target keeps bucket selectivity the same whatever `n_hashes` is; it was
+    /// set where recall per unit of query time peaked on clustered embeddings
+    /// (benches/RESULTS.md).
     fn estimate_width(&self, num_threads: usize) -> f32 {
         let all = self.vectors();
         let n = all.len();
@@ -297,19 +347,20 @@ impl LshIndex {
             .collect();
         radii.sort_unstable_by(|a, b| a.total_cmp(b));
         let median = radii[radii.len() / 2];
-        if median.is_finite() && median > 0.0 {
-            2.0 * median
-        } else {
-            1.0
+        if !(median.is_finite() && median > 0.0) {
+            return 1.0;
         }
+        let per_hash = TABLE_COLLISION_TARGET.powf(1.0 / self.params.n_hashes as f64);
+        (median as f64 * width_ratio_for(per_hash)) as f32
     }
 
     /// Projections of one vector onto every hash function, in slot units: `(a.v + b) / w`.
     #[inline]
     fn project(&self, v: &[f32], out: &mut [f32]) {
         let dim = self.params.dim;
+        let ops = VectorOps::best();
         for (f, slot) in out.iter_mut().enumerate() {
-            *slot = dot(&self.projections[f * dim..(f + 1) * dim], v) + self.offsets[f];
+            *slot = ops.dot(&self.projections[f * dim..(f + 1) * dim], v) + self.offsets[f];
         }
     }
 
@@ -372,7 +423,7 @@ impl LshIndex {
                 "the index is empty; add vectors with add_items before querying",
             ));
         }
-        let tables = n_tables.unwrap_or(self.params.n_tables);
+        let tables = n_tables.unwrap_or(self.default_tables);
         if tables == 0 || tables > self.params.n_tables {
             return Err(CoreError::invalid(format!(
                 "n_tables must be between 1 and {} (the tables built), got {tables}",
@@ -437,44 +488,66 @@ impl LshIndex {
         let projected = &scratch.projected;
         let mut top = TopK::new(k);
         let excluded: &[u32] = exclude.map_or(&[], |e| e.row(row));
-        let mut visit =
-            |table: usize, perturbation: &[(usize, i32)], stamps: &mut [u32], stamp: u32| {
-                let base = &projected[table * n_hashes..(table + 1) * n_hashes];
-                let key = bucket_key(base.iter().enumerate().map(|(i, p)| {
-                    let shift = perturbation
-                        .iter()
-                        .find(|(c, _)| *c == i)
-                        .map_or(0, |(_, d)| *d);
-                    p.floor() as i32 + shift
-                }));
-                for &item in self.tables[table].bucket(key) {
-                    let item = item as usize;
-                    if stamps[item] == stamp {
-                        continue;
-                    }
-                    stamps[item] = stamp;
-                    let id = self.ids[item];
-                    if !excluded.is_empty()
-                        && u32::try_from(id).is_ok_and(|id| excluded.binary_search(&id).is_ok())
-                    {
-                        continue;
-                    }
-                    top.push(
-                        sq_dist_f32(q, &self.vectors[item * dim..(item + 1) * dim]),
-                        item as u32,
-                    );
-                }
-            };
-        let stamp = scratch.stamp;
-        for table in 0..tables {
-            visit(table, &[], &mut scratch.stamps, stamp);
-        }
-        if probes > tables {
-            let sequence = probe_sequence(projected, n_hashes, tables, probes - tables);
-            for (table, perturbation) in sequence {
-                visit(table, &perturbation, &mut scratch.stamps, stamp);
+        let ops = VectorOps::best();
+        // Probes and candidates go in batches: every address a batch needs is
+        // requested before the first is used, so the cache misses of the map,
+        // the bucket members, the stamps and the vectors overlap instead of
+        // being paid one after another.
+        let Scratch {
+            stamps,
+            stamp,
+            probes: sequence,
+            batch,
+            candidates,
+            ..
+        } = scratch;
+        let mut drain = |batch: &mut Vec<(usize, u64)>| {
+            for &(table, key) in batch.iter() {
+                self.tables[table].prefetch_key(key);
             }
-        }
+            for &(table, key) in batch.iter() {
+                let members = self.tables[table].bucket(key);
+                if let Some(first) = members.first() {
+                    prefetch(first);
+                }
+            }
+            for &(table, key) in batch.iter() {
+                candidates.extend_from_slice(self.tables[table].bucket(key));
+            }
+            batch.clear();
+            for j in 0..candidates.len() {
+                if let Some(&ahead) = candidates.get(j + PREFETCH_AHEAD) {
+                    let ahead = ahead as usize;
+                    prefetch(&stamps[ahead]);
+                    for line in self.vectors[ahead * dim..(ahead + 1) * dim].chunks(16) {
+                        prefetch(&line[0]);
+                    }
+                }
+                let item = candidates[j] as usize;
+                if stamps[item] == *stamp {
+                    continue;
+                }
+                stamps[item] = *stamp;
+                if !excluded.is_empty()
+                    && u32::try_from(self.ids[item])
+                        .is_ok_and(|id| excluded.binary_search(&id).is_ok())
+                {
+                    continue;
+                }
+                top.push(
+                    ops.sq_dist(q, &self.vectors[item * dim..(item + 1) * dim]),
+                    item as u32,
+                );
+            }
+            candidates.clear();
+        };
+        sequence.for_each_probe(projected, n_hashes, tables, probes, &mut |table, key| {
+            batch.push((table, key));
+            if batch.len() == PROBE_BATCH {
+                drain(batch);
+            }
+        });
+        drain(batch);
         let mut found: Vec<(f32, i64)> = top
             .into_sorted()
             .into_iter()
@@ -529,6 +602,7 @@ impl LshIndex {
             p.n_hashes as u64,
             p.seed,
             self.default_probes as u64,
+            self.default_tables as u64,
             self.len() as u64,
         ] {
             put_u64(&mut out, v);
@@ -552,7 +626,7 @@ impl LshIndex {
     }
 
     pub fn from_bytes(bytes: &[u8], num_threads: usize) -> Result<LshIndex> {
-        const HEADER: usize = 8 + 4 + 6 * 8 + 4;
+        const HEADER: usize = 8 + 4 + 7 * 8 + 4;
         if bytes.len() < 8 || &bytes[..8] != FILE_MAGIC {
             return Err(CoreError::corrupt(
                 "not a cml-rs LSH index (the file does not start with CMLRSLSH)",
@@ -571,8 +645,8 @@ impl LshIndex {
             )));
         }
         let field = |i: usize| get_u64(bytes, 12 + 8 * i);
-        let (dim, n_tables, n_hashes, seed, probes, n) =
-            (field(0), field(1), field(2), field(3), field(4), field(5));
+        let (dim, n_tables, n_hashes, seed) = (field(0), field(1), field(2), field(3));
+        let (probes, default_tables, n) = (field(4), field(5), field(6));
         let width = f32::from_le_bytes(bytes[HEADER - 4..HEADER].try_into().expect("4 bytes"));
         let n_functions = n_tables.checked_mul(n_hashes);
         let expected = n_functions
@@ -633,7 +707,11 @@ impl LshIndex {
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        index.default_probes = (probes as usize).max(1);
+        index
+            .set_defaults(probes as usize, default_tables as usize)
+            .map_err(|e| {
+                CoreError::corrupt(format!("the index file holds invalid defaults: {e}"))
+            })?;
         if !index.vectors.iter().all(|v| v.is_finite()) {
             return Err(CoreError::corrupt(
                 "the index file holds non-finite vectors; the file is corrupted",
@@ -665,6 +743,11 @@ struct Scratch {
     stamps: Vec<u32>,
     stamp: u32,
     projected: Vec<f32>,
+    probes: ProbeSequence,
+    /// Probes (table, key) waiting to be looked up together.
+    batch: Vec<(usize, u64)>,
+    /// Bucket members of the current batch, to be scored.
+    candidates: Vec<u32>,
 }
 
 impl Scratch {
@@ -673,6 +756,9 @@ impl Scratch {
             stamps: vec![0; n_items],
             stamp: 0,
             projected: vec![0.0; n_functions],
+            probes: ProbeSequence::default(),
+            batch: Vec::with_capacity(PROBE_BATCH),
+            candidates: Vec::new(),
         }
     }
 
@@ -685,16 +771,16 @@ impl Scratch {
     }
 }
 
-/// A set of single-coordinate perturbations (indices into a table's sorted
-/// list), ordered by total cost in a min-heap.
-#[derive(Clone, Debug, PartialEq)]
+/// A set of single-coordinate moves of one table's slots, ordered by total cost
+/// in a min-heap (Lv et al. 2007).
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct ProbeSet {
     cost: f32,
-    table: usize,
-    /// Bit j set: the j-th cheapest single perturbation of this table is in the set.
+    table: u32,
+    /// Bit j set: the j-th cheapest single move of this table is in the set.
     members: u64,
     /// Highest member index.
-    last: usize,
+    last: u32,
 }
 
 impl Eq for ProbeSet {}
@@ -716,103 +802,159 @@ impl PartialOrd for ProbeSet {
     }
 }
 
-/// The `count` cheapest perturbations over the first `tables` tables, each as
-/// `(table, [(coordinate, +-1)])` (Lv et al. 2007, query-directed probing).
-fn probe_sequence(
-    projected: &[f32],
-    n_hashes: usize,
-    tables: usize,
-    count: usize,
-) -> Vec<(usize, Vec<(usize, i32)>)> {
-    // Per table: the 2k single perturbations sorted by cost.
-    let singles: Vec<Vec<(f32, usize, i32)>> = (0..tables)
-        .map(|t| {
-            let mut s: Vec<(f32, usize, i32)> = projected[t * n_hashes..(t + 1) * n_hashes]
-                .iter()
-                .enumerate()
-                .flat_map(|(i, p)| {
-                    let f = p - p.floor();
-                    [(f * f, i, -1), ((1.0 - f) * (1.0 - f), i, 1)]
-                })
-                .collect();
-            s.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-            s
-        })
-        .collect();
-    let mut heap: BinaryHeap<ProbeSet> = (0..tables)
-        .map(|t| ProbeSet {
-            cost: singles[t][0].0,
-            table: t,
-            members: 1,
-            last: 0,
-        })
-        .collect();
-    let mut out = Vec::with_capacity(count);
-    let width = 2 * n_hashes;
-    while out.len() < count {
-        let Some(set) = heap.pop() else { break };
-        let single = &singles[set.table];
-        if set.last + 1 < width {
-            let next = set.last + 1;
-            // shift: replace the highest member by the next one
-            heap.push(ProbeSet {
-                cost: set.cost - single[set.last].0 + single[next].0,
-                members: (set.members & !(1u64 << set.last)) | (1u64 << next),
-                last: next,
-                ..set
-            });
-            // expand: add the next one
-            heap.push(ProbeSet {
-                cost: set.cost + single[next].0,
-                members: set.members | (1u64 << next),
-                last: next,
-                ..set
-            });
-        }
-        let perturbation: Vec<(usize, i32)> = (0..width)
-            .filter(|j| set.members >> j & 1 == 1)
-            .map(|j| (single[j].1, single[j].2))
-            .collect();
-        // Valid only if no coordinate is moved both ways.
-        let mut coords: Vec<usize> = perturbation.iter().map(|p| p.0).collect();
-        coords.sort_unstable();
-        if coords.windows(2).all(|w| w[0] != w[1]) {
-            out.push((set.table, perturbation));
-        }
-    }
-    out
+/// One single move: its cost, the coordinate it moves, and how it shifts the key.
+#[derive(Clone, Copy, Debug, Default)]
+struct Move {
+    cost: f32,
+    coordinate: u32,
+    key_shift: u64,
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+/// Query-directed probing over all tables, reusing its buffers across queries.
+#[derive(Debug, Default)]
+struct ProbeSequence {
+    base_keys: Vec<u64>,
+    /// Per table, the 2k single moves sorted by cost.
+    moves: Vec<Move>,
+    heap: BinaryHeap<ProbeSet>,
 }
 
-/// Squared distance in f32 with 16 independent lanes (vectorises well).
-#[inline]
-fn sq_dist_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..16 {
-            let d = x[j] - y[j];
-            acc[j] += d * d;
+impl ProbeSequence {
+    /// Calls `visit(table, key)` for each table's own bucket, then for the
+    /// cheapest perturbed buckets over all tables, `probes` buckets in all.
+    /// A move of coordinate i by -1 costs `f_i^2` and by +1 `(1 - f_i)^2`,
+    /// `f_i` the query's fractional position in slot i.
+    fn for_each_probe(
+        &mut self,
+        projected: &[f32],
+        n_hashes: usize,
+        tables: usize,
+        probes: usize,
+        visit: &mut impl FnMut(usize, u64),
+    ) {
+        let width = 2 * n_hashes;
+        self.base_keys.clear();
+        self.moves.clear();
+        for t in 0..tables {
+            let slots = &projected[t * n_hashes..(t + 1) * n_hashes];
+            self.base_keys
+                .push(bucket_key(slots.iter().map(|p| p.floor() as i32)));
+            let start = self.moves.len();
+            for (i, p) in slots.iter().enumerate() {
+                let (slot, f) = (p.floor() as i32, p - p.floor());
+                let home = slot_hash(i, slot);
+                for (cost, shift) in [(f * f, -1), ((1.0 - f) * (1.0 - f), 1)] {
+                    self.moves.push(Move {
+                        cost,
+                        coordinate: i as u32,
+                        key_shift: slot_hash(i, slot + shift).wrapping_sub(home),
+                    });
+                }
+            }
+            self.moves[start..].sort_unstable_by(|a, b| {
+                a.cost
+                    .total_cmp(&b.cost)
+                    .then(a.coordinate.cmp(&b.coordinate))
+            });
+        }
+        for t in 0..tables.min(probes) {
+            visit(t, self.base_keys[t]);
+        }
+        if probes <= tables {
+            return;
+        }
+        self.heap.clear();
+        for t in 0..tables {
+            self.heap.push(ProbeSet {
+                cost: self.moves[t * width].cost,
+                table: t as u32,
+                members: 1,
+                last: 0,
+            });
+        }
+        let mut emitted = tables;
+        while emitted < probes {
+            let Some(set) = self.heap.pop() else { break };
+            let table = set.table as usize;
+            let moves = &self.moves[table * width..(table + 1) * width];
+            let last = set.last as usize;
+            if last + 1 < width {
+                let next = last + 1;
+                // shift: replace the highest member by the next one; expand: add it.
+                self.heap.push(ProbeSet {
+                    cost: set.cost - moves[last].cost + moves[next].cost,
+                    members: (set.members & !(1u64 << last)) | (1u64 << next),
+                    last: next as u32,
+                    ..set
+                });
+                self.heap.push(ProbeSet {
+                    cost: set.cost + moves[next].cost,
+                    members: set.members | (1u64 << next),
+                    last: next as u32,
+                    ..set
+                });
+            }
+            // A set is a probe only if no coordinate moves both ways.
+            let (mut coordinates, mut key, mut valid) = (0u32, self.base_keys[table], true);
+            let mut bits = set.members;
+            while bits != 0 {
+                let m = moves[bits.trailing_zeros() as usize];
+                bits &= bits - 1;
+                valid &= coordinates & (1 << m.coordinate) == 0;
+                coordinates |= 1 << m.coordinate;
+                key = key.wrapping_add(m.key_shift);
+            }
+            if valid {
+                visit(table, key);
+                emitted += 1;
+            }
         }
     }
-    acc.iter().sum::<f32>()
-        + ra.iter()
-            .zip(rb)
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f32>()
+}
+
+/// Probability that two points at distance r share a slot of one p-stable
+/// Gaussian hash of width w, as a function of `ratio` = w / r (Datar et al.
+/// 2004): 1 - 2 Phi(-t) - 2 / (sqrt(2 pi) t) (1 - exp(-t^2 / 2)), t = ratio.
+pub fn collision_probability(ratio: f64) -> f64 {
+    let t = ratio.max(1e-12);
+    let tail = 0.5 * erfc(t / std::f64::consts::SQRT_2);
+    1.0 - 2.0 * tail
+        - 2.0 / ((2.0 * std::f64::consts::PI).sqrt() * t) * (1.0 - (-t * t / 2.0).exp())
+}
+
+/// The ratio w / r at which one hash collides with probability `p` (bisection;
+/// the probability rises with the ratio).
+fn width_ratio_for(p: f64) -> f64 {
+    let (mut low, mut high) = (1e-3f64, 1e4f64);
+    for _ in 0..200 {
+        let middle = (low * high).sqrt();
+        if collision_probability(middle) < p {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    (low * high).sqrt()
+}
+
+/// Complementary error function (Numerical Recipes' erfcc, relative error < 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let value = t * poly.exp();
+    if x >= 0.0 {
+        value
+    } else {
+        2.0 - value
+    }
 }
 
 /// Recall of `found` against `truth` (row-major, `k` per query; -1 ignored).
@@ -873,33 +1015,71 @@ mod tests {
     }
 
     #[test]
-    fn probe_sequence_is_ordered_and_valid() {
+    fn collision_probability_matches_known_values() {
+        // Monotone from 0 to 1, and about 0.80 at w = 4r (Datar et al.'s Figure).
+        assert!(collision_probability(0.01) < 0.01);
+        assert!(collision_probability(100.0) > 0.99);
+        assert!(
+            (collision_probability(4.0) - 0.8).abs() < 0.01,
+            "{}",
+            collision_probability(4.0)
+        );
+        let ratio = width_ratio_for(0.9);
+        assert!((collision_probability(ratio) - 0.9).abs() < 1e-9);
+        assert!((erfc(0.5) - 0.479_500_122).abs() < 1e-6);
+        assert!((erfc(-1.0) - 1.842_700_793).abs() < 1e-6);
+    }
+
+    #[test]
+    fn probes_come_cheapest_first_over_all_tables() {
+        // Two tables of three hashes: brute-force every move vector and its cost.
         let projected = [0.1f32, 2.95, -1.5, 0.6, 3.3, 0.49];
-        let seq = probe_sequence(&projected, 3, 2, 20);
-        assert_eq!(seq.len(), 20);
-        let cost = |(t, p): &(usize, Vec<(usize, i32)>)| -> f32 {
-            p.iter()
-                .map(|&(i, d)| {
-                    let x = projected[t * 3 + i];
-                    let f = x - x.floor();
-                    if d < 0 {
-                        f * f
-                    } else {
-                        (1.0 - f) * (1.0 - f)
-                    }
-                })
-                .sum()
-        };
-        let costs: Vec<f32> = seq.iter().map(cost).collect();
-        assert!(costs.windows(2).all(|w| w[0] <= w[1] + 1e-6), "{costs:?}");
-        for (_, p) in &seq {
-            let mut coords: Vec<usize> = p.iter().map(|x| x.0).collect();
-            coords.sort();
-            coords.dedup();
-            assert_eq!(coords.len(), p.len());
+        let mut all: Vec<(f32, usize, u64)> = Vec::new();
+        for table in 0..2 {
+            let slots = &projected[table * 3..table * 3 + 3];
+            for code in 0..27 {
+                let shifts = [code % 3, code / 3 % 3, code / 9].map(|d| d - 1);
+                let cost: f32 = slots
+                    .iter()
+                    .zip(shifts)
+                    .map(|(p, d)| {
+                        let f = p - p.floor();
+                        match d {
+                            -1 => f * f,
+                            1 => (1.0 - f) * (1.0 - f),
+                            _ => 0.0,
+                        }
+                    })
+                    .sum();
+                let key = bucket_key(slots.iter().zip(shifts).map(|(p, d)| p.floor() as i32 + d));
+                all.push((cost, table, key));
+            }
         }
-        // The cheapest single move: table 0, coordinate 1 (2.95 -> +1 costs 0.0025).
-        assert_eq!(seq[0], (0, vec![(1, 1)]));
+        let mut emitted = Vec::new();
+        ProbeSequence::default()
+            .for_each_probe(&projected, 3, 2, 30, &mut |t, key| emitted.push((t, key)));
+        assert_eq!(emitted.len(), 30);
+        let cost_of = |t: usize, key: u64| {
+            all.iter()
+                .find(|a| a.1 == t && a.2 == key)
+                .expect("a real bucket")
+                .0
+        };
+        let costs: Vec<f32> = emitted.iter().map(|&(t, k)| cost_of(t, k)).collect();
+        assert_eq!(&costs[..2], &[0.0, 0.0], "home buckets first");
+        assert!(
+            costs[2..].windows(2).all(|w| w[0] <= w[1] + 1e-6),
+            "{costs:?}"
+        );
+        let mut sorted: Vec<f32> = all.iter().map(|a| a.0).collect();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        for (got, want) in costs.iter().zip(&sorted) {
+            assert!((got - want).abs() < 1e-6, "{costs:?} vs {sorted:?}");
+        }
+        let mut distinct = emitted.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), emitted.len());
     }
 
     #[test]
@@ -947,9 +1127,9 @@ mod tests {
             .collect();
         let exclude = Csr::from_rows(3000, &rows).unwrap();
         let c = idx.query(q, 20, Some(60), None, Some(&exclude), 2).unwrap();
-        for r in 0..300 {
-            for id in &c.ids[r * 20..(r + 1) * 20] {
-                assert!(*id < 0 || !rows[r].contains(&(*id as u32)));
+        for (found, banned) in c.ids.chunks(20).zip(&rows) {
+            for id in found {
+                assert!(*id < 0 || !banned.contains(&(*id as u32)));
             }
         }
     }

@@ -12,6 +12,7 @@ use pyo3::exceptions::{PyIndexError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 
 mod kernels;
+mod lsh;
 mod sampler;
 
 /// Maps a core error to the Python exception that fits it.
@@ -112,6 +113,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_kernel, m)?)?;
     sampler::register(m)?;
     kernels::register(m)?;
+    lsh::register(m)?;
     Ok(())
 }
 

@@ -1,0 +1,111 @@
+"""GPU checks, in one run (issue 2 section 3, issue 3 section 3): the torch
+rank weights on CUDA agree with the native kernel; the cheap WARP loss equals
+the reference formulation on CUDA; and CML trains on citeulike-t on the GPU
+(AdaGrad and Adam), with test recall and wall time recorded next to a CPU run
+of the same configuration for scale.
+
+Run (on the GPU machine): python benches/gpu_check.py --data DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cml_rs
+from cml_rs import datasets, evaluation, nn
+
+
+def check_rank_weights(device: torch.device) -> dict:
+    rng = np.random.default_rng(0)
+    pos = rng.uniform(0, 2, 100_000).astype(np.float32)
+    neg = rng.uniform(0, 4, (100_000, 20)).astype(np.float32)
+    native_w, native_h = cml_rs.rank_weights(pos, neg, 0.5, 25975)
+    torch_w, torch_h = nn.rank_weights_torch(
+        torch.from_numpy(pos).to(device), torch.from_numpy(neg).to(device), 0.5, 25975
+    )
+    return {
+        "rows": len(pos),
+        "max_abs_weight_difference": float(np.abs(torch_w.cpu().numpy() - native_w).max()),
+        "hardest_equal": bool((torch_h.cpu().numpy() == native_h).all()),
+    }
+
+
+def check_warp_loss(device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    users = torch.randint(0, 500, (4096,), generator=generator).to(device)
+    positives = torch.randint(0, 2000, (4096,), generator=generator).to(device)
+    negatives = torch.randint(0, 2000, (4096, 20), generator=generator).to(device)
+    a = nn.CMLEmbedding(500, 2000, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    b = nn.CMLEmbedding(500, 2000, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    fast = a.warp_loss(users, positives, negatives, 1.5, 2000)
+    slow = nn.warp_metric_loss(*b.distances(users, positives, negatives), 1.5, 2000)
+    fast.backward()
+    slow.backward()
+    return {
+        "loss_relative_difference": float(abs(fast.item() - slow.item()) / abs(slow.item())),
+        "max_item_gradient_difference": float((a.items.grad - b.items.grad).abs().max()),
+    }
+
+
+def train(split, device: str, **options) -> dict:
+    model = cml_rs.CML(device=device, **options)
+    start = time.perf_counter()
+    model.fit(split.train, validation=split.validation, show_progress=False)
+    elapsed = time.perf_counter() - start
+    metrics = {
+        k: evaluation.ranking_metrics_at_k(model, split.train, split.test, K=k, exclude=split.validation)["recall"]
+        for k in (50, 100)
+    }
+    epochs = len(model.history_)
+    return {
+        "device": device,
+        "options": options,
+        "seconds": elapsed,
+        "epochs": epochs,
+        "seconds_per_epoch": elapsed / max(epochs, 1),
+        "best_epoch": model.best_epoch_,
+        "test_recall@50": metrics[50],
+        "test_recall@100": metrics[100],
+        "validation_curve": [
+            (h["epoch"], round(h["elapsed"], 2), h.get("recall@50")) for h in model.history_ if "recall@50" in h
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="folder holding citeulike-t/")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cpu-epochs", type=int, default=4, help="epochs of the CPU reference run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    device = torch.device("cuda")
+    report = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cml_rs": cml_rs.__version__,
+        "rank_weights": check_rank_weights(device),
+        "warp_loss": check_warp_loss(device),
+    }
+    print(json.dumps(report, indent=1), flush=True)
+    data = datasets.load_citeulike(Path(args.data) / "citeulike-t")
+    split = datasets.split_paper(data.user_items, seed=0)
+    runs = [
+        train(split, "cuda"),
+        train(split, "cuda", optimizer="adam", learning_rate=0.002),
+        train(split, "cpu", epochs=args.cpu_epochs, num_threads=16),
+    ]
+    report["training"] = runs
+    for run in runs:
+        print(json.dumps({k: v for k, v in run.items() if k != "validation_curve"}), flush=True)
+    (out / "gpu_results.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

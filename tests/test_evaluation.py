@@ -1,0 +1,98 @@
+"""ranking_metrics_at_k against a brute-force reference, and its inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import random_interactions
+
+from cml_rs import datasets, evaluation
+
+
+def reference(users, items, train, test, k, exclude=None):
+    dist = ((users[:, None, :].astype(np.float64) - items[None]) ** 2).sum(-1)
+    dist[train.toarray() > 0] = np.inf
+    if exclude is not None:
+        dist[exclude.toarray() > 0] = np.inf
+    out = {"recall": [], "precision": [], "ndcg": [], "map": []}
+    for u in range(len(users)):
+        held = set(test[u].indices.tolist())
+        if not held:
+            continue
+        top = np.argsort(dist[u], kind="stable")[:k]
+        hits = np.array([i in held for i in top], dtype=float)
+        out["recall"].append(hits.sum() / len(held))
+        out["precision"].append(hits.sum() / k)
+        discounts = 1 / np.log2(np.arange(2, k + 2))
+        out["ndcg"].append((hits * discounts).sum() / discounts[: min(k, len(held))].sum())
+        precisions = np.cumsum(hits) / np.arange(1, k + 1)
+        out["map"].append((precisions * hits).sum() / min(k, len(held)))
+    return {name: np.mean(values) for name, values in out.items()}
+
+
+def test_metrics_match_a_brute_force_reference():
+    rng = np.random.default_rng(0)
+    data = random_interactions(n_users=60, n_items=80, per_user=10, seed=1)
+    split = datasets.split_paper(data, seed=0)
+    users = rng.standard_normal((60, 6)).astype(np.float32)
+    items = rng.standard_normal((80, 6)).astype(np.float32)
+    for k in (5, 20):
+        got = evaluation.ranking_metrics_at_k((users, items), split.train, split.test, K=k, exclude=split.validation)
+        want = reference(users, items, split.train, split.test, k, exclude=split.validation)
+        for name in ("recall", "precision", "ndcg", "map"):
+            assert got[name] == pytest.approx(want[name], rel=1e-9), (k, name)
+        assert got["users"] == 60 and len(got.per_user["recall"]) == 60
+        assert got.k == k and "recall@" in repr(got)
+
+
+def test_perfect_model_scores_one_and_exclusion_matters():
+    n = 10
+    items = np.eye(n, dtype=np.float32)
+    users = np.eye(n, dtype=np.float32)  # user u sits on item u
+    test = sp.identity(n, format="csr", dtype=np.float32)
+    empty = sp.csr_matrix((n, n), dtype=np.float32)
+    perfect = evaluation.ranking_metrics_at_k((users, items), empty, test, K=1)
+    assert perfect["recall"] == 1.0 and perfect["ndcg"] == 1.0 and perfect["map"] == 1.0
+    excluded = evaluation.ranking_metrics_at_k((users, items), test, test, K=1)
+    assert excluded["recall"] == 0.0
+
+
+def test_only_users_with_held_out_items_count_and_subsets():
+    data = random_interactions(n_users=20, n_items=30, per_user=5, seed=2)
+    test = data.copy().tolil()
+    test[:10] = 0
+    test = test.tocsr()
+    factors = (np.ones((20, 2), np.float32), np.random.default_rng(0).random((30, 2)).astype(np.float32))
+    result = evaluation.ranking_metrics_at_k(factors, sp.csr_matrix((20, 30)), test, K=5)
+    assert result["users"] == 10 and set(result.per_user["user"].tolist()) == set(range(10, 20))
+    subset = evaluation.ranking_metrics_at_k(factors, sp.csr_matrix((20, 30)), test, K=5, users=[0, 12, 15])
+    assert subset.per_user["user"].tolist() == [12, 15]
+    with pytest.raises(IndexError, match="users must be ids"):
+        evaluation.ranking_metrics_at_k(factors, sp.csr_matrix((20, 30)), test, K=5, users=[25])
+
+
+def test_compare_runs_paired_tests():
+    rng = np.random.default_rng(1)
+    per_user = {"user": np.arange(200), "recall": rng.random(200), "precision": rng.random(200)}
+    per_user.update(ndcg=rng.random(200), map=rng.random(200))
+    better = {**per_user, "recall": per_user["recall"] + 0.1}
+    a, b = evaluation.RankingMetrics(10, better), evaluation.RankingMetrics(10, per_user)
+    result = evaluation.compare(a, b)
+    assert result["mean_difference"] == pytest.approx(0.1) and result["wilcoxon_p"] < 1e-6 and result["ttest_p"] < 1e-6
+    assert evaluation.compare(b, b)["wilcoxon_p"] == 1.0
+    with pytest.raises(ValueError, match="metric must be"):
+        evaluation.compare(a, b, metric="auc")
+
+
+def test_bad_inputs():
+    factors = (np.ones((3, 2)), np.ones((4, 2)))
+    good = sp.csr_matrix((3, 4))
+    with pytest.raises(ValueError, match="test must have 4 columns"):
+        evaluation.ranking_metrics_at_k(factors, good, sp.csr_matrix((3, 5)))
+    with pytest.raises(TypeError, match="fitted model"):
+        evaluation.ranking_metrics_at_k("model", good, good)
+    with pytest.raises(ValueError, match="item_factors must have 2 columns"):
+        evaluation.ranking_metrics_at_k((np.ones((3, 2)), np.ones((4, 3))), good, good)
+    with pytest.raises(ValueError, match="K must be at least 1"):
+        evaluation.ranking_metrics_at_k(factors, good, good, K=0)

@@ -1,0 +1,290 @@
+"""CollaborativeMetricLearning: learning, the implicit-style API, persistence, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import cml_rs
+from cml_rs import datasets, evaluation
+from cml_rs.model import CollaborativeMetricLearning
+
+
+def checkerboard(n_users: int = 40, n_items: int = 40) -> sp.csr_matrix:
+    """Users like items of their own parity: the right answer is known exactly."""
+    users, items = np.meshgrid(np.arange(n_users), np.arange(n_items), indexing="ij")
+    liked = (users + items) % 2 == 0
+    return sp.csr_matrix(liked.astype(np.float32))
+
+
+def small_model(**options) -> CollaborativeMetricLearning:
+    params = dict(factors=16, epochs=40, batch_size=256, margin=1.0, num_threads=2, random_state=0)
+    params.update(options)
+    return CollaborativeMetricLearning(**params)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[CollaborativeMetricLearning, sp.csr_matrix]:
+    matrix = checkerboard()
+    model = small_model().fit(matrix, show_progress=False)
+    return model, matrix
+
+
+def test_learns_the_checkerboard(fitted):
+    model, matrix = fitted
+    # Hold nothing out: the nearest unseen items must be none (all liked are seen), so
+    # check instead that every user's nearest items, seen included, share its parity.
+    ids, scores = model.recommend(np.arange(40), matrix, N=10, filter_already_liked_items=False)
+    parity_hits = ((ids + np.arange(40)[:, None]) % 2 == 0).mean()
+    assert parity_hits > 0.95
+    assert ids.shape == scores.shape == (40, 10)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+    assert np.all(np.linalg.norm(model.user_factors, axis=1) <= 1.0 + 1e-5)
+    assert np.all(np.linalg.norm(model.item_factors, axis=1) <= 1.0 + 1e-5)
+
+
+def test_recommend_filters_and_shapes(fitted):
+    model, matrix = fitted
+    ids, scores = model.recommend(0, matrix[0], N=5)
+    assert ids.shape == (5,) and scores.dtype == np.float32
+    assert not set(ids.tolist()) & set(matrix[0].indices.tolist())
+    # The full matrix works as well as the user's own rows.
+    same, _ = model.recommend(0, matrix, N=5)
+    np.testing.assert_array_equal(ids, same)
+    banned, _ = model.recommend(0, matrix[0], N=5, filter_items=ids[:2])
+    assert not set(ids[:2].tolist()) & set(banned.tolist())
+    subset = np.array([1, 3, 5, 7])
+    within, _ = model.recommend([0, 1], matrix[[0, 1]], N=10, items=subset)
+    assert set(within[within >= 0].tolist()) <= set(subset.tolist())
+    assert (within[0] == -1).sum() == 6  # user 0 has seen no odd item: all 4 found, 6 slots padded
+    assert (within[1] == -1).all()  # user 1 has seen every odd item
+    scores = -((model.user_factors[0] - model.item_factors[ids]) ** 2).sum(1)
+    np.testing.assert_allclose(model.recommend(0, matrix[0], N=5)[1], scores, rtol=1e-4, atol=1e-5)
+
+
+def test_similar_items_and_users(fitted):
+    model, _ = fitted
+    ids, scores = model.similar_items(2, N=5)
+    assert ids[0] == 2 and scores[0] == pytest.approx(0.0, abs=1e-5)
+    assert ((ids % 2) == 0).mean() >= 0.8
+    users, _ = model.similar_users([3, 4], N=3)
+    assert users[:, 0].tolist() == [3, 4]
+
+
+def test_backends_agree_with_exact():
+    data = datasets.synthetic(n_users=600, n_items=400, n_interactions=12000, n_clusters=8, seed=4)
+    model = small_model(factors=16, epochs=15).fit(data.user_items, show_progress=False)
+    users = np.arange(50)
+    exact, _ = model.recommend(users, data.user_items, N=10)
+    for backend in ("lsh", "hnsw"):
+        approx, _ = model.recommend(users, data.user_items, N=10, backend=backend)
+        overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, approx)])
+        assert overlap > 0.8, (backend, overlap)
+    index = cml_rs.retrieval.build_index("exact", model.item_factors)
+    same, _ = model.recommend(users, data.user_items, N=10, backend=index)
+    np.testing.assert_array_equal(same, exact)
+
+
+def test_save_load_round_trip_and_damage(fitted, tmp_path):
+    model, matrix = fitted
+    path = tmp_path / "model.npz"
+    model.save(path)
+    back = CollaborativeMetricLearning.load(path)
+    np.testing.assert_array_equal(back.item_factors, model.item_factors)
+    assert back.hyperparameters() == model.hyperparameters()
+    np.testing.assert_array_equal(back.recommend(0, matrix[0], N=5)[0], model.recommend(0, matrix[0], N=5)[0])
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        CollaborativeMetricLearning.load(truncated)
+    corrupted = tmp_path / "corrupted.npz"
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF
+    corrupted.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError):
+        CollaborativeMetricLearning.load(corrupted)
+    with pytest.raises(FileNotFoundError):
+        CollaborativeMetricLearning.load(tmp_path / "missing.npz")
+
+
+def test_unknown_version_and_foreign_files_are_refused(fitted, tmp_path):
+    import json
+
+    model, _ = fitted
+    path = tmp_path / "model.npz"
+    model.save(path)
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    meta["version"] = 99
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    newer = tmp_path / "newer.npz"
+    np.savez(newer, **arrays)
+    with pytest.raises(ValueError, match="format version 99"):
+        CollaborativeMetricLearning.load(newer)
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, x=np.zeros(3))
+    with pytest.raises(ValueError, match="no metadata"):
+        CollaborativeMetricLearning.load(foreign)
+
+
+def test_save_never_leaves_a_partial_file(fitted, tmp_path, monkeypatch):
+    model, _ = fitted
+    path = tmp_path / "model.npz"
+    model.save(path)
+    before = path.read_bytes()
+
+    def broken_savez(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]
+
+
+def test_fit_is_deterministic_for_a_seed():
+    matrix = checkerboard(20, 20)
+    a = small_model(epochs=3).fit(matrix, show_progress=False)
+    b = small_model(epochs=3, num_threads=1).fit(matrix, show_progress=False)
+    np.testing.assert_allclose(a.item_factors, b.item_factors, rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_and_callback_can_stop():
+    data = datasets.synthetic(n_users=300, n_items=200, n_interactions=6000, n_clusters=5, seed=1)
+    split = datasets.split_paper(data.user_items, seed=0)
+    model = small_model(epochs=30, eval_every=1, patience=2)
+    model.fit(split.train, validation=split.validation, show_progress=False)
+    recalls = [h["recall@50"] for h in model.history_ if "recall@50" in h]
+    assert model.best_epoch_ == int(np.argmax(recalls))
+    final = evaluation.ranking_metrics_at_k(model, split.train, split.validation, K=50)
+    assert final["recall"] == pytest.approx(max(recalls), abs=1e-9)
+    assert final["recall"] > 0.3  # far above chance (~0.25 x 50/200 ... popularity aside)
+
+    seen = []
+    model = small_model(epochs=10)
+    model.fit(split.train, show_progress=False, callback=lambda epoch, *_: seen.append(epoch) or epoch < 2)
+    assert seen == [0, 1, 2]
+
+
+def test_cml_beats_popularity_on_synthetic_clusters():
+    data = datasets.synthetic(n_users=1000, n_items=500, n_interactions=20000, n_clusters=10, seed=2)
+    split = datasets.split_paper(data.user_items, seed=0)
+    model = small_model(factors=32, epochs=30, eval_every=3, patience=3)
+    model.fit(split.train, validation=split.validation, show_progress=False)
+    cml = evaluation.ranking_metrics_at_k(model, split.train, split.test, K=20, exclude=split.validation)
+    popularity = np.asarray(split.train.sum(axis=0)).ravel()
+    # Popularity as a metric model: users at the origin, items ranked by popularity via their norm.
+    items = (1.0 - popularity / popularity.max())[:, None].astype(np.float32)
+    users = np.zeros((data.n_users, 1), np.float32)
+    baseline = evaluation.ranking_metrics_at_k((users, items), split.train, split.test, K=20, exclude=split.validation)
+    assert cml["recall"] > 1.5 * baseline["recall"]
+    test = evaluation.compare(cml, baseline)
+    assert test["wilcoxon_p"] < 0.01 and test["mean_difference"] > 0
+
+
+def test_options_train(fitted):
+    matrix = checkerboard(20, 20)
+    for options in (
+        dict(optimizer="adam", learning_rate=0.01),
+        dict(hardest_only=False),
+        dict(rank_weighted=False),
+        dict(covariance_rows="batch"),
+        dict(lambda_c=0.0),
+    ):
+        model = small_model(epochs=2, **options).fit(matrix, show_progress=False)
+        assert np.isfinite(model.item_factors).all(), options
+
+
+def test_cml_plus_features():
+    data = datasets.synthetic(n_users=200, n_items=100, n_interactions=3000, n_clusters=4, seed=3)
+    clusters = np.array([int(label.split()[1]) for label in data.item_labels])
+    features = sp.csr_matrix(np.eye(4, dtype=np.float32)[clusters])
+    model = small_model(epochs=3).fit(data.user_items, show_progress=False, item_features=features)
+    assert model.projector_ is not None
+    assert model.item_factors.shape == (100, 16)
+    with pytest.raises(ValueError, match="one row per item"):
+        small_model(epochs=1).fit(data.user_items, show_progress=False, item_features=features[:10])
+
+
+def test_fit_errors_name_the_problem(fitted):
+    _, matrix = fitted
+    wide = small_model(epochs=1).fit(checkerboard(30, 40), show_progress=False)
+    with pytest.raises(ValueError, match=r"item x user matrix: pass user_items\.T\.tocsr\(\)"):
+        wide.fit(checkerboard(30, 40).T.tocsr(), show_progress=False)
+    with pytest.raises(ValueError, match="holds no interactions"):
+        small_model().fit(sp.csr_matrix((5, 5), dtype=np.float32), show_progress=False)
+    with pytest.raises(TypeError, match="scipy.sparse"):
+        small_model().fit(np.ones((5, 5)), show_progress=False)
+    bad = matrix.copy()
+    bad.data[0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        small_model().fit(bad, show_progress=False)
+    with pytest.raises(ValueError, match="validation has shape"):
+        small_model().fit(matrix, validation=matrix[:10], show_progress=False)
+    with pytest.warns(UserWarning, match="users have no interactions"):
+        rows = sp.vstack([matrix, sp.csr_matrix((1, 40), dtype=np.float32)]).tocsr()
+        small_model(epochs=1).fit(rows, show_progress=False)
+
+
+def test_divergence_stops_with_a_clear_error():
+    matrix = checkerboard(20, 20)
+    model = small_model(epochs=5, learning_rate=1e38, lambda_c=1e30)
+    with pytest.raises(FloatingPointError, match="Lower learning_rate"):
+        model.fit(matrix, show_progress=False)
+    assert np.isfinite(model.item_factors).all()
+
+
+def test_recommend_errors(fitted):
+    model, matrix = fitted
+    with pytest.raises(IndexError, match="userid 40 is out of range"):
+        model.recommend(40, matrix, N=5)
+    with pytest.raises(IndexError, match="filter_items -1 is out of range"):
+        model.recommend(0, matrix[0], filter_items=[-1])
+    with pytest.raises(IndexError, match="items 99 is out of range"):
+        model.recommend(0, matrix[0], items=[99])
+    with pytest.raises(ValueError, match="number of items differs"):
+        model.recommend(0, sp.csr_matrix((1, 30)))
+    with pytest.raises(ValueError, match="one row per requested user"):
+        model.recommend([0, 1], matrix[:3])
+    with pytest.raises(ValueError, match="N must be at least 1"):
+        model.recommend(0, matrix[0], N=0)
+    with pytest.raises(TypeError, match="integer ids"):
+        model.recommend(0.5, matrix[0])
+    with pytest.raises(ValueError, match="backend must be"):
+        model.recommend(0, matrix[0], backend="annoy")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        small_model().recommend(0, matrix[0])
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        (dict(factors=0), ValueError, "factors must be at least 1"),
+        (dict(margin=float("nan")), ValueError, "margin must be finite"),
+        (dict(learning_rate=0), ValueError, "learning_rate must be > 0"),
+        (dict(optimizer="sgd"), ValueError, "optimizer must be"),
+        (dict(covariance_rows="some"), ValueError, "covariance_rows must be"),
+        (dict(margin="wide"), TypeError, "margin must be a number"),
+    ],
+)
+def test_constructor_validation(options, error, message):
+    with pytest.raises(error, match=message):
+        CollaborativeMetricLearning(**options)
+
+
+def test_alias_and_lazy_exports():
+    assert cml_rs.CML is cml_rs.CollaborativeMetricLearning
+    assert "LshIndex" in dir(cml_rs)
+    with pytest.raises(AttributeError):
+        cml_rs.not_a_thing  # noqa: B018
+
+
+def test_torch_thread_setting_is_restored():
+    before = torch.get_num_threads()
+    small_model(epochs=1, num_threads=1).fit(checkerboard(10, 10), show_progress=False)
+    assert torch.get_num_threads() == before
