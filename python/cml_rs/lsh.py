@@ -240,6 +240,7 @@ class LshIndex:
 
     @property
     def ids(self) -> np.ndarray:
+        """The ids held, in storage order (grouped by bucket, not insertion order)."""
         return self._native.ids()
 
     def __len__(self) -> int:

@@ -132,7 +132,7 @@ impl LshIndex {
             .or_raise()
     }
 
-    /// A copy of the indexed vectors (n, dim), in insertion order.
+    /// A copy of the indexed vectors (n, dim), in storage order (grouped by bucket).
     fn vectors<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<f32>> {
         let index = self.read();
         let (n, dim) = (index.len(), index.params().dim);
@@ -141,7 +141,7 @@ impl LshIndex {
             .into_pyarray(py)
     }
 
-    /// The ids of the indexed vectors, in insertion order.
+    /// The ids of the indexed vectors, in storage order (as `vectors`).
     fn ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
         self.read().ids().to_vec().into_pyarray(py)
     }
