@@ -238,6 +238,12 @@ class CollaborativeMetricLearning:
         item_features : scipy.sparse matrix (n_items, n_features), optional
             Item side information for CML+F.
 
+        Notes
+        -----
+        On a model that is already fitted (and has no item features), ``fit``
+        continues from the current vectors with a fresh optimiser, so the
+        matrix must have the same users and items.
+
         Raises
         ------
         ValueError
@@ -312,7 +318,8 @@ class CollaborativeMetricLearning:
         from tqdm.auto import tqdm
 
         n_users, n_items = train.shape
-        if not self.fitted or features is not None or self.projector_ is not None:
+        warm_start = self.fitted and features is None and self.projector_ is None
+        if not warm_start:
             self._build(n_users, n_items, features)
         embedding = self.embedding_
         optimizer = self._optimizer()
@@ -325,7 +332,7 @@ class CollaborativeMetricLearning:
         )
         feature_tensor = _torch_sparse(features).to(self.device) if features is not None else None
         eval_users = self._evaluation_users(valid)
-        best_recall, best_state, stale = -1.0, None, 0
+        best_recall, best_state, stale, latest_recall = -1.0, None, 0, None
         self.history_, self.best_epoch_ = [], None
         start = time.perf_counter()
         bar = tqdm(total=self.epochs, disable=not show_progress, unit="epoch", desc="CML")
@@ -378,7 +385,7 @@ class CollaborativeMetricLearning:
                         self, train, valid, K=self.eval_k, users=eval_users, num_threads=self.num_threads
                     )
                     metrics = {f"{name}@{self.eval_k}": result[name] for name in ("recall", "precision", "ndcg", "map")}
-                    recall = result["recall"]
+                    recall = latest_recall = result["recall"]
                     if recall > best_recall:
                         best_recall, best_state, stale = recall, _snapshot(self), 0
                         self.best_epoch_ = epoch
@@ -387,8 +394,9 @@ class CollaborativeMetricLearning:
                 elapsed = time.perf_counter() - start
                 self.history_.append({"epoch": epoch, "loss": epoch_loss, "elapsed": elapsed, **metrics})
                 postfix = {"loss": f"{epoch_loss:.4g}"}
-                if best_recall >= 0:
-                    postfix[f"val_recall@{self.eval_k}"] = f"{best_recall:.4f}"
+                if latest_recall is not None:
+                    postfix[f"val_recall@{self.eval_k}"] = f"{latest_recall:.4f}"
+                    postfix["best"] = f"{best_recall:.4f}"
                 bar.set_postfix(postfix)
                 bar.update(1)
                 if callback is not None and callback(epoch, elapsed, epoch_loss, metrics) is False:
