@@ -120,7 +120,7 @@ unsafe fn tile_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{lanes_dot, lanes_sq_dist};
+    use super::{lanes_code_dist, lanes_dot, lanes_sq_dist};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f")]
@@ -131,6 +131,16 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn sq_dist_avx512(a: &[f32], b: &[f32]) -> f32 {
         lanes_sq_dist::<true>(a, b)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn code_dist_avx512(codes: &[u8], position: &[f32], weight: &[f32]) -> f32 {
+        lanes_code_dist::<true>(codes, position, weight)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn code_dist_avx2(codes: &[u8], position: &[f32], weight: &[f32]) -> f32 {
+        lanes_code_dist::<true>(codes, position, weight)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -224,6 +234,7 @@ mod x86 {
 pub struct VectorOps {
     dot: unsafe fn(&[f32], &[f32]) -> f32,
     sq_dist: unsafe fn(&[f32], &[f32]) -> f32,
+    code_dist: unsafe fn(&[u8], &[f32], &[f32]) -> f32,
 }
 
 impl VectorOps {
@@ -237,6 +248,7 @@ impl VectorOps {
                     return VectorOps {
                         dot: x86::dot_avx512,
                         sq_dist: x86::sq_dist_avx512,
+                        code_dist: x86::code_dist_avx512,
                     };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
@@ -245,12 +257,14 @@ impl VectorOps {
                     return VectorOps {
                         dot: x86::dot_avx2,
                         sq_dist: x86::sq_dist_avx2,
+                        code_dist: x86::code_dist_avx2,
                     };
                 }
             }
             VectorOps {
                 dot: |a, b| lanes_dot::<false>(a, b),
                 sq_dist: |a, b| lanes_sq_dist::<false>(a, b),
+                code_dist: |c, p, w| lanes_code_dist::<false>(c, p, w),
             }
         })
     }
@@ -267,6 +281,15 @@ impl VectorOps {
         debug_assert_eq!(a.len(), b.len());
         // SAFETY: as in `dot`.
         unsafe { (self.sq_dist)(a, b) }
+    }
+
+    /// `sum_d weight[d] * (codes[d] - position[d])^2`: the squared distance of a
+    /// byte-coded vector to a query expressed in code units.
+    #[inline]
+    pub fn code_dist(&self, codes: &[u8], target: &crate::lsh::CodeTarget) -> f32 {
+        debug_assert_eq!(codes.len(), target.position.len());
+        // SAFETY: as in `dot`.
+        unsafe { (self.code_dist)(codes, &target.position, &target.weight) }
     }
 }
 
@@ -313,6 +336,32 @@ fn lanes_sq_dist<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
                 d.mul_add(d, acc[j])
             } else {
                 acc[j] + d * d
+            };
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn lanes_code_dist<const FMA: bool>(codes: &[u8], position: &[f32], weight: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = codes.len() / LANES * LANES;
+    let mut tail = 0f32;
+    for d in n..codes.len() {
+        let diff = codes[d] as f32 - position[d];
+        tail += weight[d] * diff * diff;
+    }
+    for ((c, p), w) in codes[..n]
+        .chunks_exact(LANES)
+        .zip(position.chunks_exact(LANES))
+        .zip(weight.chunks_exact(LANES))
+    {
+        for j in 0..LANES {
+            let diff = c[j] as f32 - p[j];
+            acc[j] = if FMA {
+                (w[j] * diff).mul_add(diff, acc[j])
+            } else {
+                acc[j] + w[j] * diff * diff
             };
         }
     }

@@ -45,6 +45,9 @@ const QUERIES_PER_TASK: usize = 64;
 /// Probability that a typical 10th nearest neighbour lands in the query's
 /// bucket of one table, which the automatic bucket width aims for.
 const TABLE_COLLISION_TARGET: f64 = 0.035;
+/// The exact re-ranking looks at this many times k candidates (at least k + 32).
+const RERANK_FACTOR: usize = 4;
+const RERANK_MIN_EXTRA: usize = 32;
 /// Probes whose buckets are fetched together.
 const PROBE_BATCH: usize = 16;
 /// Candidates prefetched ahead of the one being scored.
@@ -84,7 +87,9 @@ impl Table {
         let n_buckets = order
             .chunk_by(|&a, &b| keys[a as usize] == keys[b as usize])
             .count();
-        let capacity = (2 * n_buckets).next_power_of_two().max(2);
+        // Load factor at most 3/4: still short probe runs, and up to half the
+        // memory (and cache footprint) of a 1/2 cap.
+        let capacity = (n_buckets * 4 / 3 + 1).next_power_of_two().max(2);
         let mut map = vec![Bucket::default(); capacity];
         let mut start = 0usize;
         for group in order.chunk_by(|&a, &b| keys[a as usize] == keys[b as usize]) {
@@ -146,6 +151,8 @@ pub struct LshIndex {
     vectors: Vec<f32>,
     ids: Vec<i64>,
     tables: Vec<Table>,
+    /// The vectors as 8-bit codes, for cheap first scoring of candidates.
+    codes: Codes,
     /// Probes per query when the caller does not say (set by tuning).
     default_probes: usize,
     /// Tables searched when the caller does not say (a prefix of the tables built).
@@ -204,6 +211,7 @@ impl LshIndex {
             vectors: Vec::new(),
             ids: Vec::new(),
             tables: Vec::new(),
+            codes: Codes::default(),
             default_probes: 0,
             default_tables: 0,
         };
@@ -272,6 +280,7 @@ impl LshIndex {
             + self.ids.len() * 8
             + (self.projections.len() + self.offsets.len()) * 4
             + self.tables.iter().map(Table::memory_bytes).sum::<usize>()
+            + self.codes.memory_bytes()
     }
 
     /// Adds vectors (row-major, `dim` columns, finite) with their ids, then
@@ -400,15 +409,13 @@ impl LshIndex {
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| (keys[i * l], i));
         let dim = self.params.dim;
-        self.vectors = order
-            .iter()
-            .flat_map(|&i| self.vectors[i * dim..(i + 1) * dim].iter().copied())
-            .collect();
+        self.vectors = gather_rows(&self.vectors, dim, &order);
         self.ids = order.iter().map(|&i| self.ids[i]).collect();
-        let keys: Vec<u64> = order
-            .iter()
-            .flat_map(|&i| keys[i * l..(i + 1) * l].iter().copied())
-            .collect();
+        let keys = gather_rows(&keys, l, &order);
+        self.codes = Codes::encode(Vectors {
+            data: &self.vectors,
+            dim,
+        });
         let tables = parallel::map_tasks(num_threads, n < 2048, l, |t| {
             let table_keys: Vec<u64> = (0..n).map(|i| keys[i * l + t]).collect();
             Table::build(&table_keys)
@@ -505,7 +512,11 @@ impl LshIndex {
         scratch.next_query();
         self.project(q, &mut scratch.projected);
         let projected = &scratch.projected;
-        let mut top = TopK::new(k);
+        // Candidates are scored on their 8-bit codes; the best `shortlist` are
+        // then re-ranked on the exact vectors.
+        let shortlist = (RERANK_FACTOR * k).max(k + RERANK_MIN_EXTRA);
+        let mut top = TopK::new(shortlist);
+        let target = self.codes.target(q);
         let excluded: &[u32] = exclude.map_or(&[], |e| e.row(row));
         let ops = VectorOps::best();
         // Probes and candidates go in batches: every address a batch needs is
@@ -538,7 +549,7 @@ impl LshIndex {
                 if let Some(&ahead) = candidates.get(j + PREFETCH_AHEAD) {
                     let ahead = ahead as usize;
                     prefetch(&stamps[ahead]);
-                    for line in self.vectors[ahead * dim..(ahead + 1) * dim].chunks(16) {
+                    for line in self.codes.code(ahead).chunks(64) {
                         prefetch(&line[0]);
                     }
                 }
@@ -553,10 +564,7 @@ impl LshIndex {
                 {
                     continue;
                 }
-                top.push(
-                    ops.sq_dist(q, &self.vectors[item * dim..(item + 1) * dim]),
-                    item as u32,
-                );
+                top.push(ops.code_dist(self.codes.code(item), &target), item as u32);
             }
             candidates.clear();
         };
@@ -579,6 +587,7 @@ impl LshIndex {
             })
             .collect();
         found.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        found.truncate(k);
         found
     }
 
@@ -928,6 +937,87 @@ impl ProbeSequence {
                 emitted += 1;
             }
         }
+    }
+}
+
+/// Rows `order[0], order[1], ...` of a row-major matrix with `width` columns.
+fn gather_rows<T: Copy>(data: &[T], width: usize, order: &[usize]) -> Vec<T> {
+    let mut out = Vec::with_capacity(order.len() * width);
+    for &i in order {
+        out.extend_from_slice(&data[i * width..(i + 1) * width]);
+    }
+    out
+}
+
+/// Vectors quantised to one byte per coordinate, per-coordinate affine:
+/// `x_d ~ offset_d + step_d * c_d`. A candidate's approximate squared distance
+/// reads a quarter of the bytes of its exact vector, which is what the
+/// candidate phase of a query is bound by.
+#[derive(Clone, Debug, Default)]
+struct Codes {
+    dim: usize,
+    codes: Vec<u8>,
+    offset: Vec<f32>,
+    step: Vec<f32>,
+}
+
+/// A query in code units: `(q_d - offset_d) / step_d`, and the weights `step_d^2`.
+pub struct CodeTarget {
+    pub position: Vec<f32>,
+    pub weight: Vec<f32>,
+}
+
+impl Codes {
+    fn encode(vectors: Vectors) -> Codes {
+        let dim = vectors.dim;
+        let (mut low, mut high) = (vec![f32::INFINITY; dim], vec![f32::NEG_INFINITY; dim]);
+        for row in vectors.data.chunks_exact(dim) {
+            for (d, &x) in row.iter().enumerate() {
+                low[d] = low[d].min(x);
+                high[d] = high[d].max(x);
+            }
+        }
+        let step: Vec<f32> = low
+            .iter()
+            .zip(&high)
+            .map(|(l, h)| ((h - l) / 255.0).max(f32::MIN_POSITIVE))
+            .collect();
+        let mut codes = Vec::with_capacity(vectors.data.len());
+        for row in vectors.data.chunks_exact(dim) {
+            // floor(x + 0.5) rounds without a libm call; the clamp guards float slop.
+            codes.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(d, &x)| ((x - low[d]) / step[d] + 0.5).floor().clamp(0.0, 255.0) as u8),
+            );
+        }
+        Codes {
+            dim,
+            codes,
+            offset: low,
+            step,
+        }
+    }
+
+    #[inline]
+    fn code(&self, item: usize) -> &[u8] {
+        &self.codes[item * self.dim..(item + 1) * self.dim]
+    }
+
+    fn target(&self, q: &[f32]) -> CodeTarget {
+        CodeTarget {
+            position: q
+                .iter()
+                .zip(&self.offset)
+                .zip(&self.step)
+                .map(|((x, o), s)| (x - o) / s)
+                .collect(),
+            weight: self.step.iter().map(|s| s * s).collect(),
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.codes.len() + 8 * self.dim
     }
 }
 
