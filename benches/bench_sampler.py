@@ -102,6 +102,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-large", action="store_true", help="only citeulike-t")
     args = parser.parse_args()
+    # No sampler here calls BLAS, but OpenBLAS's idle threads spin for a while after
+    # scipy uses them (loading, splitting) and would steal the cores being measured.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
 
     cases = []
     try:

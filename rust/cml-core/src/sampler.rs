@@ -8,12 +8,14 @@
 //! by position, not by thread, a batch is bit-identical for any thread count and
 //! any production order, and a stream can restart anywhere (after a `fork`).
 //!
-//! Negatives never loop: a uniform rank `r` in `[0, n_items - |row|)` is mapped
-//! to the `r`-th item missing from the sorted row by binary search over
-//! `row[i] - i` (the number of non-positives below `row[i]`), which is exact
-//! rejection-free sampling of the complement in O(log |row|) per draw. A user
-//! whose row holds every item has an empty complement; construction rejects it
-//! by name instead of hanging, as the reference sampler did.
+//! Negatives never loop unboundedly: a uniform rank `r` in `[0, n_items - |row|)`
+//! is mapped to the `r`-th item missing from the sorted row by binary search
+//! over `row[i] - i` (the number of non-positives below `row[i]`), which is
+//! exact rejection-free sampling of the complement in O(log |row|) per draw.
+//! The longest rows (at least 32 positives, at most half of all items) instead
+//! test a bitset and redraw, fewer than two draws on average. A user whose row
+//! holds every item has an empty complement; construction rejects it by name
+//! instead of hanging, as the reference sampler did.
 //!
 //! Cost per epoch: O(nnz) for the permutation plus O(nnz * U * log |row|) for
 //! the negatives, spread over the pool. [`BatchStream`] runs this on its own
@@ -29,6 +31,10 @@ use std::thread::JoinHandle;
 
 /// Pairs per parallel work unit when drawing a batch's negatives.
 const PAIRS_PER_TASK: usize = 1024;
+/// Rows with at least this many positives get a bitset (see `LongRows`).
+const LONG_ROW: usize = 32;
+/// Memory allowed for those bitsets.
+const LONG_ROW_BYTES: usize = 64 << 20;
 /// How many pairs ahead the rows of upcoming users are prefetched.
 const PREFETCH_AHEAD: usize = 4;
 /// Below this many draws a batch is produced on one thread.
@@ -73,6 +79,8 @@ pub struct WarpSampler {
     positives: Csr,
     /// The user of each stored pair, in CSR order.
     pair_users: Vec<u32>,
+    /// Bitsets of the positives of long rows (see [`LongRows`]).
+    long_rows: LongRows,
     config: SamplerConfig,
 }
 
@@ -112,9 +120,15 @@ impl WarpSampler {
         for u in 0..positives.n_rows() {
             pair_users.extend(std::iter::repeat_n(u as u32, positives.row(u).len()));
         }
+        let long_rows = if config.check_negative {
+            LongRows::new(&positives)
+        } else {
+            LongRows::default()
+        };
         Ok(WarpSampler {
             positives,
             pair_users,
+            long_rows,
             config,
         })
     }
@@ -202,16 +216,78 @@ impl WarpSampler {
     fn draw_negatives(&self, epoch: u64, position: u64, user: usize, slots: &mut [i64]) {
         let mut rng = Rng::stream(self.config.seed, tag::NEGATIVES, &[epoch, position]);
         let n_items = self.positives.n_cols() as u64;
-        if self.config.check_negative {
+        if !self.config.check_negative {
+            for slot in slots {
+                *slot = rng.below(n_items) as i64;
+            }
+        } else if let Some(positives) = self.long_rows.bits(user) {
+            // Redraw while the draw is a positive: uniform over the rest, and at
+            // most half the items are positives here, so under two draws expected.
+            for slot in slots {
+                let mut item = rng.below(n_items);
+                while positives[(item / 64) as usize] >> (item % 64) & 1 == 1 {
+                    item = rng.below(n_items);
+                }
+                *slot = item as i64;
+            }
+        } else {
             let row = self.positives.row(user);
             for slot in slots {
                 *slot = nth_missing(row, rng.below(n_items - row.len() as u64)) as i64;
             }
-        } else {
-            for slot in slots {
-                *slot = rng.below(n_items) as i64;
+        }
+    }
+}
+
+/// Bitsets of the positives of the longest rows, where the binary search of
+/// [`nth_missing`] costs most (log2 of the row per draw) and a bit test with a
+/// rare redraw costs least. Only rows of at least [`LONG_ROW`] positives and at
+/// most half of all items qualify (so redraws stay rare and never loop long),
+/// longest first, within [`LONG_ROW_BYTES`] of bitsets.
+#[derive(Debug, Default)]
+struct LongRows {
+    /// Per user: the offset of its bitset in `words`, or `u32::MAX`.
+    offset: Vec<u32>,
+    words: Vec<u64>,
+    words_per_row: usize,
+}
+
+impl LongRows {
+    fn new(positives: &Csr) -> LongRows {
+        let n_items = positives.n_cols();
+        let words_per_row = n_items.div_ceil(64);
+        let budget_rows = LONG_ROW_BYTES / (8 * words_per_row.max(1));
+        let mut long: Vec<usize> = (0..positives.n_rows())
+            .filter(|&u| {
+                let n = positives.row(u).len();
+                n >= LONG_ROW && 2 * n <= n_items
+            })
+            .collect();
+        long.sort_by_key(|&u| (std::cmp::Reverse(positives.row(u).len()), u));
+        long.truncate(budget_rows);
+        if long.is_empty() || words_per_row * long.len() > u32::MAX as usize {
+            return LongRows::default();
+        }
+        let mut offset = vec![u32::MAX; positives.n_rows()];
+        let mut words = vec![0u64; words_per_row * long.len()];
+        for (slot, &user) in long.iter().enumerate() {
+            offset[user] = (slot * words_per_row) as u32;
+            for &item in positives.row(user) {
+                words[slot * words_per_row + item as usize / 64] |= 1 << (item % 64);
             }
         }
+        LongRows {
+            offset,
+            words,
+            words_per_row,
+        }
+    }
+
+    #[inline]
+    fn bits(&self, user: usize) -> Option<&[u64]> {
+        let start = *self.offset.get(user)?;
+        (start != u32::MAX)
+            .then(|| &self.words[start as usize..start as usize + self.words_per_row])
     }
 }
 
@@ -222,7 +298,8 @@ pub fn nth_missing(row: &[u32], rank: u64) -> u64 {
     // the answer is rank + (how many i have row[i] - i <= rank). The search is
     // branch-free: the draws are random, so a branchy search would mispredict
     // at nearly every step.
-    let below = |i: usize| row[i] as u64 - i as u64 <= rank;
+    // SAFETY: every index the search reads is below `row.len()`: `mid < base + size <= len`.
+    let below = |i: usize| unsafe { *row.get_unchecked(i) } as u64 - i as u64 <= rank;
     let mut size = row.len();
     if size == 0 {
         return rank;
@@ -427,6 +504,45 @@ mod tests {
             .collect();
         pairs.sort();
         assert_eq!(pairs, vec![(0, 0), (0, 2), (1, 1), (2, 3), (2, 4), (2, 5)]);
+    }
+
+    #[test]
+    fn long_rows_draw_uniformly_outside_their_positives() {
+        // User 0: 60 of 200 items (bitset path); user 1: 150 (more than half, binary
+        // search); user 2: 3 (binary search).
+        let rows = vec![
+            (0..60).map(|i| i * 3).collect(),
+            (0..150).collect(),
+            vec![5, 6, 7],
+        ];
+        let s = sampler(&rows, 200, 64, 11);
+        assert!(s.long_rows.bits(0).is_some());
+        assert!(s.long_rows.bits(1).is_none() && s.long_rows.bits(2).is_none());
+        let mut counts = vec![0usize; 200];
+        for epoch in 0..200 {
+            let order = s.epoch_order(epoch);
+            for b in 0..s.n_batches() {
+                let batch = s.batch(epoch, &order, b, 2);
+                for (i, &user) in batch.users.iter().enumerate() {
+                    for &negative in &batch.negatives[i * 5..(i + 1) * 5] {
+                        assert!(!rows[user as usize].contains(&(negative as u32)));
+                        if user == 0 {
+                            counts[negative as usize] += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // 200 epochs x 60 pairs x 5 negatives over 140 items: about 429 each.
+        let eligible: Vec<usize> = (0..200)
+            .filter(|i| i % 3 != 0 || *i >= 180)
+            .map(|i| counts[i])
+            .collect();
+        assert_eq!(eligible.len(), 140);
+        assert!(
+            eligible.iter().all(|&c| (300..560).contains(&c)),
+            "{eligible:?}"
+        );
     }
 
     #[test]

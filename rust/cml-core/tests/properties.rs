@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 /// A random user x item matrix where no user has every item.
 fn interactions() -> impl Strategy<Value = (usize, Vec<Vec<u32>>)> {
-    (2usize..40).prop_flat_map(|n_items| {
+    (2usize..150).prop_flat_map(|n_items| {
         let row = proptest::collection::btree_set(0..n_items as u32, 0..n_items)
             .prop_map(|set| set.into_iter().collect::<Vec<u32>>());
         (Just(n_items), proptest::collection::vec(row, 1..30))

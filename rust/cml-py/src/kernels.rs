@@ -1,7 +1,7 @@
 //! Binding of the stateless kernels: rank weights, exact top-K, pairwise distances.
 
 use crate::{csr_from_arg, shape_of, CsrArg, OrRaise};
-use cml_core::topk::{self, Vectors};
+use cml_core::topk::{self, Neighbours, Vectors};
 use numpy::ndarray::Array2;
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
@@ -86,7 +86,25 @@ fn rank_weights<'py>(
     Ok((weights.into_pyarray(py), hardest.into_pyarray(py)))
 }
 
-type TopkArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
+pub(crate) type NeighbourArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
+
+/// `(ids, sqdist)` of a top-K result as two (Q, k) numpy arrays, without copying.
+pub(crate) fn neighbour_arrays(py: Python<'_>, found: Neighbours) -> NeighbourArrays<'_> {
+    let rows = found.ids.len() / found.k;
+    let ids = Array2::from_shape_vec((rows, found.k), found.ids).expect("Q x k ids");
+    let sqdist = Array2::from_shape_vec((rows, found.k), found.sqdist).expect("Q x k distances");
+    (ids.into_pyarray(py), sqdist.into_pyarray(py))
+}
+
+/// `k` as a count, or the ValueError every top-K entry point raises.
+pub(crate) fn check_k(k: i64) -> PyResult<usize> {
+    if k < 1 {
+        return Err(PyValueError::new_err(format!(
+            "k must be at least 1, got {k}"
+        )));
+    }
+    Ok(k as usize)
+}
 
 /// Exact k nearest items of each query by squared L2 distance: `(ids, sqdist)`,
 /// each `(Q, k)`, nearest first, padded with -1 / +inf. `exclude` is
@@ -100,12 +118,8 @@ fn topk_l2<'py>(
     k: i64,
     exclude: Option<CsrArg<'py>>,
     num_threads: usize,
-) -> PyResult<TopkArrays<'py>> {
-    if k < 1 {
-        return Err(PyValueError::new_err(format!(
-            "k must be at least 1, got {k}"
-        )));
-    }
+) -> PyResult<NeighbourArrays<'py>> {
+    let k = check_k(k)?;
     let (q, x) = (vectors("queries", &queries)?, vectors("items", &items)?);
     if q.dim != x.dim {
         return Err(PyValueError::new_err(format!(
@@ -123,7 +137,6 @@ fn topk_l2<'py>(
     let exclude = exclude
         .map(|e| csr_from_arg(py, "exclude", &e))
         .transpose()?;
-    let k = k as usize;
     let found = py
         .detach(|| {
             q.check_finite("queries")?;
@@ -131,10 +144,7 @@ fn topk_l2<'py>(
             topk::topk_l2(q, x, k, exclude.as_ref(), num_threads)
         })
         .or_raise()?;
-    let rows = q.len();
-    let ids = Array2::from_shape_vec((rows, k), found.ids).expect("Q x k ids");
-    let sqdist = Array2::from_shape_vec((rows, k), found.sqdist).expect("Q x k distances");
-    Ok((ids.into_pyarray(py), sqdist.into_pyarray(py)))
+    Ok(neighbour_arrays(py, found))
 }
 
 /// All squared distances between `queries` (Q, d) and `items` (N, d), as (Q, N).

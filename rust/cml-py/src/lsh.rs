@@ -1,7 +1,7 @@
 //! Binding of the LSH index. Queries share a read lock and run with the GIL
 //! released; adding vectors takes the write lock.
 
-use crate::kernels::vectors as borrow_vectors;
+use crate::kernels::{check_k, neighbour_arrays, vectors as borrow_vectors, NeighbourArrays};
 use crate::{csr_from_arg, shape_of, CsrArg, OrRaise};
 use cml_core::lsh::{LshIndex as CoreIndex, LshParams};
 use numpy::ndarray::Array2;
@@ -35,8 +35,6 @@ impl LshIndex {
         }
     }
 }
-
-type QueryArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
 
 #[pymethods]
 impl LshIndex {
@@ -97,17 +95,12 @@ impl LshIndex {
         n_tables: Option<usize>,
         exclude: Option<CsrArg<'py>>,
         num_threads: usize,
-    ) -> PyResult<QueryArrays<'py>> {
-        if k < 1 {
-            return Err(PyValueError::new_err(format!(
-                "k must be at least 1, got {k}"
-            )));
-        }
+    ) -> PyResult<NeighbourArrays<'py>> {
+        let k = check_k(k)?;
         let q = borrow_vectors("queries", &queries)?;
         let exclude = exclude
             .map(|e| csr_from_arg(py, "exclude", &e))
             .transpose()?;
-        let k = k as usize;
         let found = py
             .detach(|| {
                 q.check_finite("queries")?;
@@ -115,15 +108,7 @@ impl LshIndex {
                     .query(q, k, n_probes, n_tables, exclude.as_ref(), num_threads)
             })
             .or_raise()?;
-        let rows = q.len();
-        Ok((
-            Array2::from_shape_vec((rows, k), found.ids)
-                .expect("Q x k ids")
-                .into_pyarray(py),
-            Array2::from_shape_vec((rows, k), found.sqdist)
-                .expect("Q x k distances")
-                .into_pyarray(py),
-        ))
+        Ok(neighbour_arrays(py, found))
     }
 
     /// Sets the probes and tables used when a query does not name them.
