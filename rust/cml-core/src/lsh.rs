@@ -31,7 +31,7 @@ use crate::error::{CoreError, Result};
 use crate::kernel::{self, VectorOps};
 use crate::parallel;
 use crate::rng::{mix64, tag, Rng};
-use crate::topk::{Neighbours, TopK, Vectors};
+use crate::topk::{by_score_then_id, Neighbours, TopK, Vectors};
 use std::collections::BinaryHeap;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -166,6 +166,14 @@ pub struct LshIndex {
 #[inline]
 fn slot_hash(coordinate: usize, slot: i32) -> u64 {
     mix64(((coordinate as u64) << 32 | slot as u32 as u64) ^ 0x243F_6A88_85A3_08D3)
+}
+
+/// The slot of a projection in slot units: floor, without the libm call that
+/// `f32::floor` compiles to on baseline x86-64 (projections are far inside i32).
+#[inline(always)]
+fn slot_of(projection: f32) -> i32 {
+    let truncated = projection as i32;
+    truncated - ((truncated as f32) > projection) as i32
 }
 
 /// The bucket key of the slots of one table's hashes.
@@ -394,9 +402,7 @@ impl LshIndex {
                     );
                     for t in 0..l {
                         keys.push(bucket_key(
-                            projected[t * k..(t + 1) * k]
-                                .iter()
-                                .map(|p| p.floor() as i32),
+                            projected[t * k..(t + 1) * k].iter().map(|&p| slot_of(p)),
                         ));
                     }
                 }
@@ -575,19 +581,23 @@ impl LshIndex {
             }
         });
         drain(batch);
-        let mut found: Vec<(f32, i64)> = top
+        // Re-rank the shortlist on the exact vectors (f32), keep k, and report
+        // their distances accumulated in f64, like the exact search does.
+        let vector = |item: u32| &self.vectors[item as usize * dim..(item as usize + 1) * dim];
+        let mut shortlist: Vec<(f32, u32)> = top
             .into_sorted()
             .into_iter()
-            .map(|(_, item)| {
-                let item = item as usize;
-                (
-                    kernel::sq_dist(q, &self.vectors[item * dim..(item + 1) * dim]),
-                    self.ids[item],
-                )
-            })
+            .map(|(_, item)| (ops.sq_dist(q, vector(item)), item))
+            .collect();
+        if shortlist.len() > k {
+            shortlist.select_nth_unstable_by(k - 1, by_score_then_id);
+            shortlist.truncate(k);
+        }
+        let mut found: Vec<(f32, i64)> = shortlist
+            .into_iter()
+            .map(|(_, item)| (kernel::sq_dist(q, vector(item)), self.ids[item as usize]))
             .collect();
         found.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        found.truncate(k);
         found
     }
 
@@ -866,10 +876,11 @@ impl ProbeSequence {
         for t in 0..tables {
             let slots = &projected[t * n_hashes..(t + 1) * n_hashes];
             self.base_keys
-                .push(bucket_key(slots.iter().map(|p| p.floor() as i32)));
+                .push(bucket_key(slots.iter().map(|&p| slot_of(p))));
             let start = self.moves.len();
             for (i, p) in slots.iter().enumerate() {
-                let (slot, f) = (p.floor() as i32, p - p.floor());
+                let slot = slot_of(*p);
+                let f = p - slot as f32;
                 let home = slot_hash(i, slot);
                 for (cost, shift) in [(f * f, -1), ((1.0 - f) * (1.0 - f), 1)] {
                     self.moves.push(Move {
@@ -984,11 +995,12 @@ impl Codes {
             .collect();
         let mut codes = Vec::with_capacity(vectors.data.len());
         for row in vectors.data.chunks_exact(dim) {
-            // floor(x + 0.5) rounds without a libm call; the clamp guards float slop.
+            // Truncating x + 0.5 (a floor, these being non-negative) rounds to
+            // nearest without a libm call; the clamp guards float slop.
             codes.extend(
                 row.iter()
                     .enumerate()
-                    .map(|(d, &x)| ((x - low[d]) / step[d] + 0.5).floor().clamp(0.0, 255.0) as u8),
+                    .map(|(d, &x)| ((x - low[d]) / step[d] + 0.5).clamp(0.0, 255.0) as u8),
             );
         }
         Codes {
