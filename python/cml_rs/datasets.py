@@ -825,7 +825,9 @@ def _load_checked_npz(
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        # Open the file ourselves: np.load leaves its own handle open when the
+        # archive turns out to be damaged.
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
         raise ValueError(f"{path} is not a readable cml-rs file (truncated or corrupted?): {error}") from None

@@ -12,8 +12,9 @@
 //! is mapped to the `r`-th item missing from the sorted row by binary search
 //! over `row[i] - i` (the number of non-positives below `row[i]`), which is
 //! exact rejection-free sampling of the complement in O(log |row|) per draw.
-//! The longest rows (at least 32 positives, at most half of all items) instead
-//! test a bitset and redraw, fewer than two draws on average. A user whose row
+//! In catalogues of up to 131,072 items, the longest rows (at least 32
+//! positives, at most half of all items) instead test a small bitset and
+//! redraw, fewer than two draws on average. A user whose row
 //! holds every item has an empty complement; construction rejects it by name
 //! instead of hanging, as the reference sampler did.
 //!
@@ -31,8 +32,12 @@ use std::thread::JoinHandle;
 
 /// Pairs per parallel work unit when drawing a batch's negatives.
 const PAIRS_PER_TASK: usize = 1024;
-/// Rows with at least this many positives get a bitset (see `LongRows`).
+/// Rows with at least this many positives get a bitset (see `LongRows`)...
 const LONG_ROW: usize = 32;
+/// ...when a bitset over all items stays this small (16 KiB): a bit test then
+/// hits L1/L2, while a larger, colder bitset costs more than the binary search
+/// over a prefetched row.
+const MAX_BITSET_ITEMS: usize = 16 << 13;
 /// Memory allowed for those bitsets.
 const LONG_ROW_BYTES: usize = 64 << 20;
 /// How many pairs ahead the rows of upcoming users are prefetched.
@@ -243,7 +248,8 @@ impl WarpSampler {
 /// [`nth_missing`] costs most (log2 of the row per draw) and a bit test with a
 /// rare redraw costs least. Only rows of at least [`LONG_ROW`] positives and at
 /// most half of all items qualify (so redraws stay rare and never loop long),
-/// longest first, within [`LONG_ROW_BYTES`] of bitsets.
+/// longest first, within [`LONG_ROW_BYTES`] of bitsets, and only when there are
+/// at most [`MAX_BITSET_ITEMS`] items.
 #[derive(Debug, Default)]
 struct LongRows {
     /// Per user: the offset of its bitset in `words`, or `u32::MAX`.
@@ -255,6 +261,9 @@ struct LongRows {
 impl LongRows {
     fn new(positives: &Csr) -> LongRows {
         let n_items = positives.n_cols();
+        if n_items > MAX_BITSET_ITEMS {
+            return LongRows::default();
+        }
         let words_per_row = n_items.div_ceil(64);
         let budget_rows = LONG_ROW_BYTES / (8 * words_per_row.max(1));
         let mut long: Vec<usize> = (0..positives.n_rows())
