@@ -247,7 +247,14 @@ def command_demo(args: argparse.Namespace) -> int:
 
     if not args.no_plot:
         path = out / "item_embedding.png"
-        plot_item_embedding(model, dataset.item_labels, path, max_items=args.plot_items, seed=args.seed)
+        plot_item_embedding(
+            model,
+            dataset.item_labels,
+            path,
+            max_items=args.plot_items,
+            seed=args.seed,
+            title=f"{dataset.name}: items coloured by {dataset.item_label_kind}",
+        )
         print(f"\nembedding plot: {path}")
     print(f"model, split: {out / 'model.npz'}, {out / 'split.npz'}")
     return 0

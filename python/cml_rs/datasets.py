@@ -63,6 +63,8 @@ class Dataset:
         The original id of each row / column.
     item_labels : ndarray of str, optional
         One attribute per item (top tag, first genre, cluster) for plots.
+    item_label_kind : str
+        What ``item_labels`` holds, in words ("top tag"), for plot titles.
     item_titles : ndarray of str, optional
         Human-readable item names where the data has them.
     given_split : Split, optional
@@ -78,6 +80,7 @@ class Dataset:
     item_labels: np.ndarray | None = None
     item_titles: np.ndarray | None = None
     given_split: Split | None = None
+    item_label_kind: str = "label"
 
     @property
     def n_users(self) -> int:
@@ -234,6 +237,7 @@ def load_citeulike(path: str | os.PathLike | None = None, min_tag_items: int = 1
         user_ids=np.arange(users.shape[0]),
         item_ids=np.arange(n_items),
         item_labels=_top_feature_labels(tags, kept_names),
+        item_label_kind="top tag",
     )
 
 
@@ -301,6 +305,7 @@ def load_movielens_100k(path: str | os.PathLike | None = None, min_rating: float
         user_ids=np.arange(1, n_users + 1),
         item_ids=np.arange(1, n_items + 1),
         item_labels=_first_feature_labels(genres, genre_names),
+        item_label_kind="first genre",
         item_titles=titles.astype(str),
     )
 
@@ -396,6 +401,7 @@ def load_movielens_1m_implicit(path: str | os.PathLike | None = None) -> Dataset
         user_ids=user_ids,
         item_ids=item_ids,
         item_labels=_first_feature_labels(genres, genre_names),
+        item_label_kind="first genre",
         item_titles=titles.astype(str),
         given_split=_split_from_parts([train, empty, test], "shipped with the data (KGRec, 80/20)"),
     )
@@ -439,6 +445,7 @@ def load_movielens_latest_small(path: str | os.PathLike | None = None, min_ratin
         user_ids=np.asarray(user_values),
         item_ids=np.asarray([int(m) for m, _, _ in movies]),
         item_labels=_first_feature_labels(genres, genre_names),
+        item_label_kind="first genre",
         item_titles=np.asarray([t for _, t, _ in movies], dtype=str),
     )
 
@@ -651,6 +658,7 @@ def synthetic(
         user_ids=np.arange(n_users),
         item_ids=np.arange(n_items),
         item_labels=np.asarray([f"cluster {c}" for c in item_cluster]),
+        item_label_kind="planted cluster",
     )
 
 

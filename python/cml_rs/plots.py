@@ -37,7 +37,7 @@ def plot_item_embedding(
     max_items: int = 3000,
     top_labels: int = 10,
     seed: int = 0,
-    title: str = "CML item vectors (t-SNE)",
+    title: str = "items coloured by their label",
 ) -> str:
     """Saves a PNG of the item vectors' t-SNE map, coloured by ``labels``.
 
@@ -53,6 +53,8 @@ def plot_item_embedding(
         Raw item features, mapped the same way in a second panel for comparison.
     max_items : int
         Items plotted (a seeded sample; items carrying a top label are preferred).
+    title : str
+        Figure title: what the colours mean (the panels name what is mapped).
 
     Returns
     -------
