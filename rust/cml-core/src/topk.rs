@@ -26,6 +26,12 @@ use std::ops::Range;
 const SERIAL_FLOPS: usize = 1 << 22;
 /// An item split is never smaller than this.
 const MIN_SPLIT_ITEMS: usize = 4096;
+/// Floats of packed items per block of [`sqdist_matrix`] (512 KB, in L2).
+const SQDIST_BLOCK_FLOATS: usize = 1 << 17;
+/// Floats of packed items per group of blocks packed at once (8 MB).
+const SQDIST_GROUP_FLOATS: usize = 1 << 21;
+/// Outputs from this size on are advised onto huge pages (numpy's threshold).
+const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
 
 /// A row-major matrix of `f32` vectors borrowed from the caller.
 #[derive(Clone, Copy, Debug)]
@@ -402,6 +408,12 @@ pub fn topk_l2_with(
 
 /// All squared distances, row-major `n_queries x n_items` (the batched distance
 /// kernel; memory is the caller's choice here).
+///
+/// The kernel runs with the roles of [`topk_l2`] swapped: items are packed into
+/// panels of NR and queries stream through as MR-row tiles, so each register
+/// holds one query's distances to NR consecutive items and lands in the output
+/// row as one contiguous store. Items are packed a group at a time (a few MB,
+/// shared by all threads); each thread fills a contiguous range of rows.
 pub fn sqdist_matrix(queries: Vectors, items: Vectors, num_threads: usize) -> Result<Vec<f32>> {
     if queries.dim != items.dim {
         return Err(CoreError::invalid(format!(
@@ -410,53 +422,109 @@ pub fn sqdist_matrix(queries: Vectors, items: Vectors, num_threads: usize) -> Re
         )));
     }
     let kernel = kernel::best();
-    let (n_queries, n_items, nr) = (queries.len(), items.len(), kernel.nr);
-    let plan = plan(n_queries, n_items, queries.dim, nr, num_threads);
-    let mut out = vec![0f32; n_queries * n_items];
-    if out.is_empty() {
+    let (n_queries, n_items, nr, dim) = (queries.len(), items.len(), kernel.nr, items.dim);
+    let len = n_queries * n_items;
+    // Every element is written below, so the matrix is not zero-filled first.
+    let mut out = uninit_matrix(len);
+    if len == 0 {
         return Ok(out);
     }
-    parallel::for_each_chunk_mut(
-        num_threads,
-        plan.serial,
-        &mut out,
-        plan.chunk * n_items,
-        |chunk, out| {
-            let query_range = (chunk * plan.chunk)..((chunk + 1) * plan.chunk).min(n_queries);
-            let n_local = query_range.len();
-            let query_norms: Vec<f32> = query_range
-                .clone()
-                .map(|q| kernel::sq_norm(queries.row(q)))
-                .collect();
-            let mut packed_queries = Vec::new();
-            kernel::pack_panels(
-                queries.data,
-                queries.dim,
-                query_range,
-                nr,
-                &mut packed_queries,
-            );
-            let mut thresholds = vec![f32::NEG_INFINITY; n_local.div_ceil(nr) * nr];
-            stream_tiles(
-                &kernel,
-                items,
-                0..n_items,
-                &packed_queries,
-                &mut thresholds,
-                |first_item, panel, scores, _, _| {
-                    let rows = kernel.mr.min(n_items - first_item);
-                    for lane in 0..nr.min(n_local - panel * nr) {
-                        let local = panel * nr + lane;
-                        for i in 0..rows {
-                            out[local * n_items + first_item + i] =
-                                (query_norms[local] + scores[i * nr + lane]).max(0.0);
-                        }
-                    }
-                },
-            );
-        },
-    );
+    let threads = parallel::resolve_threads(num_threads);
+    let serial = threads == 1 || len * dim < SERIAL_FLOPS;
+    let rows_per_task = if serial {
+        n_queries
+    } else {
+        n_queries.div_ceil(4 * threads).next_multiple_of(kernel.mr)
+    };
+    let item_norms: Vec<f32> = (0..n_items)
+        .map(|i| kernel::sq_norm(items.row(i)))
+        .collect();
+    // A block's packed items (about 512 KB) stay in L2 while every query tile
+    // of a task passes over them; a group of blocks is packed at once.
+    let block_items = (SQDIST_BLOCK_FLOATS / dim.max(1)).max(nr) / nr * nr;
+    let group_items =
+        (SQDIST_GROUP_FLOATS / dim.max(1)).max(block_items) / block_items * block_items;
+    let out_rows = &mut out.spare_capacity_mut()[..len];
+    for group_start in (0..n_items).step_by(group_items) {
+        let group_end = (group_start + group_items).min(n_items);
+        let blocks: Vec<Range<usize>> = (group_start..group_end)
+            .step_by(block_items)
+            .map(|start| start..(start + block_items).min(group_end))
+            .collect();
+        let packed: Vec<Vec<f32>> = parallel::map_tasks(num_threads, serial, blocks.len(), |b| {
+            let mut panels = Vec::new();
+            kernel::pack_panels(items.data, dim, blocks[b].clone(), nr, &mut panels);
+            panels
+        });
+        parallel::for_each_chunk_mut(
+            num_threads,
+            serial,
+            &mut *out_rows,
+            rows_per_task * n_items,
+            |task, rows| {
+                let query_range =
+                    (task * rows_per_task)..((task + 1) * rows_per_task).min(n_queries);
+                for (block, panels) in blocks.iter().zip(&packed) {
+                    // Thresholds no score is below: no candidate masks wanted.
+                    let mut thresholds = vec![f32::NEG_INFINITY; block.len().div_ceil(nr) * nr];
+                    stream_tiles(
+                        &kernel,
+                        queries,
+                        query_range.clone(),
+                        panels,
+                        &mut thresholds,
+                        |first_query, panel, scores, _, _| {
+                            let first_item = block.start + panel * nr;
+                            let lanes = nr.min(block.end - first_item);
+                            let norms = &item_norms[first_item..first_item + lanes];
+                            let tile_rows = kernel.mr.min(query_range.end - first_query);
+                            for i in 0..tile_rows {
+                                let row = (first_query - query_range.start + i) * n_items;
+                                let dst = &mut rows[row + first_item..row + first_item + lanes];
+                                let tile_scores = &scores[i * nr..i * nr + lanes];
+                                for ((slot, &score), &norm) in
+                                    dst.iter_mut().zip(tile_scores).zip(norms)
+                                {
+                                    slot.write((score + norm).max(0.0));
+                                }
+                            }
+                        },
+                    );
+                }
+            },
+        );
+    }
+    // SAFETY: the groups cover every item column, the tasks every query row,
+    // and each (row, column) element is written once above.
+    unsafe { out.set_len(len) };
     Ok(out)
+}
+
+/// An empty vector with room for `len` floats. Large ones are backed by huge
+/// pages where Linux allows it (as numpy does for its arrays): first touching
+/// hundreds of MB page by page costs more than the distances written into it.
+fn uninit_matrix(len: usize) -> Vec<f32> {
+    let out: Vec<f32> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let bytes = len * std::mem::size_of::<f32>();
+        if bytes >= HUGE_PAGE_MIN_BYTES {
+            let start = out.as_ptr() as usize;
+            let aligned = start.next_multiple_of(PAGE);
+            // SAFETY: advice only, on whole pages inside this vector's own
+            // allocation; madvise neither reads nor frees the memory, and its
+            // failure (THP disabled) changes nothing.
+            unsafe {
+                libc::madvise(
+                    aligned as *mut libc::c_void,
+                    (start + bytes - aligned) / PAGE * PAGE,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -556,18 +624,23 @@ mod tests {
 
     #[test]
     fn sqdist_matrix_equals_naive() {
-        let dim = 5;
-        let q = random(13 * dim, 5);
-        let x = random(70 * dim, 6);
-        let (queries, items) = (
-            Vectors::new(&q, dim).unwrap(),
-            Vectors::new(&x, dim).unwrap(),
-        );
-        let d = sqdist_matrix(queries, items, 2).unwrap();
-        for i in 0..13 {
-            for j in 0..70 {
-                let want = kernel::sq_dist(queries.row(i), items.row(j));
-                assert!((d[i * 70 + j] - want).abs() < 1e-4, "{i} {j}");
+        // dim 2000 makes blocks of 64 items and groups of 1,024: several of
+        // each, with partial tiles, panels, blocks and groups.
+        for (dim, n_queries, n_items) in [(5, 13, 70), (2000, 13, 1100)] {
+            let q = random(n_queries * dim, 5);
+            let x = random(n_items * dim, 6);
+            let (queries, items) = (
+                Vectors::new(&q, dim).unwrap(),
+                Vectors::new(&x, dim).unwrap(),
+            );
+            let d = sqdist_matrix(queries, items, 2).unwrap();
+            assert_eq!(d, sqdist_matrix(queries, items, 1).unwrap());
+            for i in 0..n_queries {
+                for j in 0..n_items {
+                    let want = kernel::sq_dist(queries.row(i), items.row(j));
+                    let got = d[i * n_items + j];
+                    assert!((got - want).abs() < 1e-4 * (1.0 + want), "{i} {j}");
+                }
             }
         }
     }
