@@ -625,8 +625,9 @@ mod tests {
     #[test]
     fn sqdist_matrix_equals_naive() {
         // dim 2000 makes blocks of 64 items and groups of 1,024: several of
-        // each, with partial tiles, panels, blocks and groups.
-        for (dim, n_queries, n_items) in [(5, 13, 70), (2000, 13, 1100)] {
+        // each, with partial tiles, panels, blocks and groups. The last case
+        // is over 4 MB, so its memory is advised onto huge pages.
+        for (dim, n_queries, n_items) in [(5, 13, 70), (2000, 13, 1100), (8, 1100, 1001)] {
             let q = random(n_queries * dim, 5);
             let x = random(n_items * dim, 6);
             let (queries, items) = (
