@@ -154,6 +154,19 @@ def test_fit_is_deterministic_for_a_seed():
     np.testing.assert_allclose(a.item_factors, b.item_factors, rtol=1e-4, atol=1e-5)
 
 
+def test_refit_with_the_same_seed_repeats_bit_for_bit_on_two_threads():
+    # Batches large enough for torch to split the gradient scatter over threads,
+    # with items repeated inside a batch: tensor indexing's backward would add
+    # them in a thread-dependent order.
+    data = datasets.synthetic(n_users=2000, n_items=3000, n_interactions=40000, n_clusters=20, seed=2)
+    runs = [
+        small_model(factors=64, epochs=2, batch_size=4096, num_threads=2).fit(data.user_items, show_progress=False)
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(runs[0].item_factors, runs[1].item_factors)
+    np.testing.assert_array_equal(runs[0].user_factors, runs[1].user_factors)
+
+
 def test_early_stopping_keeps_the_best_and_callback_can_stop():
     data = datasets.synthetic(n_users=300, n_items=200, n_interactions=6000, n_clusters=5, seed=1)
     split = datasets.split_paper(data.user_items, seed=0)

@@ -722,7 +722,7 @@ def _batch_rows(embedding: CMLEmbedding, batch: tuple[np.ndarray, ...]) -> tuple
     device = embedding.users.device
     item_ids = torch.from_numpy(np.unique(np.concatenate([positives, negatives.ravel()]))).to(device)
     user_ids = torch.from_numpy(np.unique(users)).to(device)
-    return embedding.users[user_ids], embedding.items[item_ids]
+    return embedding.user_rows(user_ids), embedding.item_rows(item_ids)
 
 
 def _snapshot(model: CollaborativeMetricLearning) -> list[dict[str, torch.Tensor]]:

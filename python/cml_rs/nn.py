@@ -66,11 +66,24 @@ class CMLEmbedding(torch.nn.Module):
     def dim(self) -> int:
         return int(self.users.shape[1])
 
+    def user_rows(self, ids: Tensor) -> Tensor:
+        """The vectors of users ``ids`` (any shape), differentiable.
+
+        A lookup rather than ``users[ids]``: on the CPU the backward of tensor
+        indexing adds repeated rows' gradients in a thread-dependent order, so
+        a seeded fit would not repeat itself; the embedding backward does.
+        """
+        return torch.nn.functional.embedding(ids, self.users)
+
+    def item_rows(self, ids: Tensor) -> Tensor:
+        """The vectors of items ``ids`` (any shape), differentiable (see :meth:`user_rows`)."""
+        return torch.nn.functional.embedding(ids, self.items)
+
     def distances(self, users: Tensor, positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
         """Squared distances user-positive (B,) and user-negatives (B, U)."""
-        u = self.users[users]
-        pos_dist = (u - self.items[positives]).pow(2).sum(-1)
-        neg_dist = (u.unsqueeze(1) - self.items[negatives]).pow(2).sum(-1)
+        u = self.user_rows(users)
+        pos_dist = (u - self.item_rows(positives)).pow(2).sum(-1)
+        neg_dist = (u.unsqueeze(1) - self.item_rows(negatives)).pow(2).sum(-1)
         return pos_dist, neg_dist
 
     def warp_loss(
@@ -92,13 +105,13 @@ class CMLEmbedding(torch.nn.Module):
         """
         if not hardest_only:
             return warp_metric_loss(*self.distances(users, positives, negatives), margin, n_items, False, rank_weighted)
-        u = self.users[users]
-        pos_dist = (u - self.items[positives]).pow(2).sum(-1)
+        u = self.user_rows(users)
+        pos_dist = (u - self.item_rows(positives)).pow(2).sum(-1)
         with torch.no_grad():
             neg_dist = (u.unsqueeze(1) - self.items[negatives]).pow(2).sum(-1)
         weights, hardest = _rank_weights(pos_dist.detach(), neg_dist, margin, n_items)
         chosen = negatives.gather(1, hardest.to(negatives.device).unsqueeze(1)).squeeze(1)
-        hardest_dist = (u - self.items[chosen]).pow(2).sum(-1)
+        hardest_dist = (u - self.item_rows(chosen)).pow(2).sum(-1)
         return _weighted_sum(torch.relu(margin + pos_dist - hardest_dist), weights, rank_weighted)
 
     def all_vectors(self) -> Tensor:
