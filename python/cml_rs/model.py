@@ -94,7 +94,10 @@ class CollaborativeMetricLearning:
     num_threads : int
         CPU threads for torch and the Rust kernels while fitting; 0 means all cores.
     random_state : int
-        Seed of the initialisation, the sampler and the evaluation sample.
+        Seed of the initialisation, the sampler and the evaluation sample. On the
+        CPU, a fit with the same seed and ``num_threads`` repeats bit for bit; with
+        another thread count, torch sums in another order and the factors differ
+        by rounding.
 
     Notes
     -----
