@@ -9,7 +9,7 @@ For people with their own training loop::
     for users, positives, negatives in WarpSampler(train, batch_size=4096):
         users, positives, negatives = map(torch.from_numpy, (users, positives, negatives))
         pos_dist, neg_dist = model.distances(users, positives, negatives)
-        loss = nn.warp_metric_loss(pos_dist, neg_dist, margin=0.5, n_items=n_items)
+        loss = nn.warp_metric_loss(pos_dist, neg_dist, margin=1.5, n_items=n_items)
         loss = loss + 10.0 * nn.covariance_loss(model.all_vectors())
         optimizer.zero_grad()
         loss.backward()
