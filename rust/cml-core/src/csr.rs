@@ -168,6 +168,31 @@ impl Csr {
     }
 }
 
+/// Checks an `exclude` matrix of a search: one row of excluded ids per query
+/// and, where ids are positions (`n_items` given), no column beyond the items.
+pub fn check_exclusions(
+    exclude: Option<&Csr>,
+    n_queries: usize,
+    n_items: Option<usize>,
+) -> Result<()> {
+    let Some(e) = exclude else { return Ok(()) };
+    if e.n_rows() != n_queries {
+        return Err(CoreError::invalid(format!(
+            "exclude has {} rows but there are {n_queries} queries; pass one row of excluded ids per query",
+            e.n_rows()
+        )));
+    }
+    if let Some(n_items) = n_items {
+        if e.n_cols() > n_items {
+            return Err(CoreError::invalid(format!(
+                "exclude has {} columns but there are only {n_items} items; its columns must be item ids",
+                e.n_cols()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Which part of a row [`Csr::prefetch_row`] loads.
 #[derive(Clone, Copy, Debug)]
 pub enum RowPart {

@@ -286,10 +286,10 @@ impl VectorOps {
     /// `sum_d weight[d] * (codes[d] - position[d])^2`: the squared distance of a
     /// byte-coded vector to a query expressed in code units.
     #[inline]
-    pub fn code_dist(&self, codes: &[u8], target: &crate::lsh::CodeTarget) -> f32 {
-        debug_assert_eq!(codes.len(), target.position.len());
+    pub fn code_dist(&self, codes: &[u8], position: &[f32], weight: &[f32]) -> f32 {
+        debug_assert!(codes.len() == position.len() && codes.len() == weight.len());
         // SAFETY: as in `dot`.
-        unsafe { (self.code_dist)(codes, &target.position, &target.weight) }
+        unsafe { (self.code_dist)(codes, position, weight) }
     }
 }
 

@@ -9,9 +9,14 @@
 //! - [`rank`]: WARP rank weights and hardest negatives.
 //! - [`kernel`], [`topk`]: register-blocked distance kernels and exact top-K.
 //! - [`lsh`]: p-stable LSH index with multi-probe and exact re-ranking.
+//! - [`vectors`]: the types searches share (borrowed vectors, top-K selection, results).
 //! - [`csr`]: validated sparse rows (positives, exclusions).
 //! - [`rng`], [`parallel`]: seeded streams and thread pools that keep results
 //!   independent of the thread count.
+//!
+//! The modules form a stack without cycles: `rng`, `parallel`, `error`, `csr`
+//! and `vectors` at the bottom, then `kernel`, then `topk` and `rank`, then
+//! `lsh` and `sampler`.
 
 pub mod csr;
 pub mod error;
@@ -22,8 +27,10 @@ pub mod rank;
 pub mod rng;
 pub mod sampler;
 pub mod topk;
+pub mod vectors;
 
 pub use csr::Csr;
 pub use error::{CoreError, Result};
 pub use sampler::{Batch, BatchStream, SamplerConfig, WarpSampler};
-pub use topk::{topk_l2, Neighbours, Vectors};
+pub use topk::topk_l2;
+pub use vectors::{Neighbours, Vectors};

@@ -105,3 +105,12 @@ pub fn for_each_chunk_mut<T, F>(
         });
     }
 }
+
+/// The message a panic carried, for reports of a failed worker.
+pub fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without message".to_string())
+}

@@ -1,4 +1,5 @@
-//! WARP rank weights of CML's metric loss (SPEC section 2, steps 1-4).
+//! WARP rank weights of CML's metric loss (Hsieh et al. 2017,
+//! after Weston et al.'s WARP).
 //!
 //! For pair b with squared distance `pos[b]` to its positive and `neg[b, u]` to
 //! each of its U negatives, the hinge of negative u is
@@ -7,23 +8,40 @@
 //! `ln(rank + 1)`. The hardest negative is the one with the largest hinge, i.e.
 //! the smallest `neg[b, u]` (first on ties). Cost: O(B * U), parallel over rows.
 
+use crate::error::{CoreError, Result};
 use crate::parallel;
+use crate::vectors::Vectors;
 
 /// Rows per parallel work unit.
 const ROWS_PER_TASK: usize = 4096;
 
-/// `(weights, hardest)` for each of the `pos.len()` rows of `neg` (row-major,
-/// `n_negatives` per row). Inputs must be finite (checked by the caller).
+/// `(weights, hardest)` for each pair: `pos[b]` is its squared distance to the
+/// positive, row b of `neg` (one column per negative) those to the negatives.
 pub fn rank_weights(
     pos: &[f32],
-    neg: &[f32],
-    n_negatives: usize,
+    neg: Vectors,
     margin: f32,
-    n_items: u64,
+    n_items: usize,
     num_threads: usize,
-) -> (Vec<f32>, Vec<i64>) {
-    let rows = pos.len();
-    debug_assert_eq!(neg.len(), rows * n_negatives);
+) -> Result<(Vec<f32>, Vec<i64>)> {
+    let (rows, n_negatives) = (pos.len(), neg.dim);
+    if neg.len() != rows {
+        return Err(CoreError::invalid(format!(
+            "pos_dist has {rows} entries but neg_dist has {} rows; pass one positive distance per row",
+            neg.len()
+        )));
+    }
+    if n_items == 0 {
+        return Err(CoreError::invalid("n_items must be at least 1, got 0"));
+    }
+    if !margin.is_finite() {
+        return Err(CoreError::invalid(format!(
+            "margin must be finite, got {margin}"
+        )));
+    }
+    Vectors::new("pos_dist", pos, 1)?.check_finite("pos_dist")?;
+    neg.check_finite("neg_dist")?;
+    let (neg, n_items) = (neg.data, n_items as u64);
     let serial = rows * n_negatives < 1 << 16;
     let mut out: Vec<(f32, i64)> = vec![(0.0, 0); rows];
     parallel::for_each_chunk_mut(
@@ -43,7 +61,7 @@ pub fn rank_weights(
             }
         },
     );
-    out.into_iter().unzip()
+    Ok(out.into_iter().unzip())
 }
 
 /// `(ln(floor(J * M / U) + 1), argmin_u neg[u])` for one pair.
@@ -87,8 +105,26 @@ mod tests {
         let mut rng = crate::rng::Rng::stream(5, 0, &[]);
         let pos: Vec<f32> = (0..rows).map(|_| rng.unit_f64() as f32).collect();
         let neg: Vec<f32> = (0..rows * u).map(|_| 2.0 * rng.unit_f64() as f32).collect();
-        let serial = rank_weights(&pos, &neg, u, 0.5, 25_975, 1);
-        let parallel = rank_weights(&pos, &neg, u, 0.5, 25_975, 4);
+        let neg = Vectors::new("neg", &neg, u).unwrap();
+        let serial = rank_weights(&pos, neg, 0.5, 25_975, 1).unwrap();
+        let parallel = rank_weights(&pos, neg, 0.5, 25_975, 4).unwrap();
         assert_eq!(serial, parallel);
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        let neg = [1.0f32; 6];
+        let neg = Vectors::new("neg_dist", &neg, 2).unwrap();
+        let message = |pos: &[f32], margin: f32, n_items: usize| {
+            rank_weights(pos, neg, margin, n_items, 1)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            message(&[1.0; 2], 0.5, 10).contains("pos_dist has 2 entries but neg_dist has 3 rows")
+        );
+        assert!(message(&[1.0; 3], 0.5, 0).contains("n_items must be at least 1"));
+        assert!(message(&[1.0; 3], f32::NAN, 10).contains("margin must be finite"));
+        assert!(message(&[1.0, f32::INFINITY, 1.0], 0.5, 10).contains("pos_dist[1, 0] is inf"));
     }
 }

@@ -1,4 +1,4 @@
-//! The WARP negative sampler of CML (SPEC section 2).
+//! The WARP negative sampler of CML (Hsieh et al. 2017, after Weston et al. 2011).
 //!
 //! An epoch is a seeded permutation of all training pairs (one per stored entry
 //! of the user x item CSR), cut into batches of `batch_size`; the last partial
@@ -44,6 +44,19 @@ const LONG_ROW_BYTES: usize = 64 << 20;
 const PREFETCH_AHEAD: usize = 4;
 /// Below this many draws a batch is produced on one thread.
 const SERIAL_DRAWS: usize = 1 << 15;
+
+/// Most batches a stream may prepare ahead of its consumer.
+pub const MAX_PREFETCH: usize = 1024;
+
+/// Checks how many batches a [`BatchStream`] may prepare ahead.
+pub fn check_prefetch(prefetch: usize) -> Result<()> {
+    if !(1..=MAX_PREFETCH).contains(&prefetch) {
+        return Err(CoreError::invalid(format!(
+            "prefetch must be between 1 and {MAX_PREFETCH} batches, got {prefetch}"
+        )));
+    }
+    Ok(())
+}
 
 /// What a sampler draws.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -440,7 +453,7 @@ impl BatchStream {
                 // The producer only hangs up early if it panicked.
                 let producer = self.producer.take().expect("producer present");
                 let reason = match producer.handle.join() {
-                    Err(payload) => panic_message(&payload),
+                    Err(payload) => parallel::panic_message(&payload),
                     Ok(()) => "it stopped early".to_string(),
                 };
                 Err(CoreError::invalid(format!(
@@ -449,14 +462,6 @@ impl BatchStream {
             }
         }
     }
-}
-
-fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without message".to_string())
 }
 
 impl Drop for BatchStream {
@@ -585,12 +590,22 @@ mod tests {
             batch_size: 0,
             ..base.clone()
         };
-        assert!(WarpSampler::new(csr.clone(), zero_batch).is_err());
+        let err = WarpSampler::new(csr.clone(), zero_batch).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("batch_size must be at least 1, got 0"));
         let zero_neg = SamplerConfig {
             n_negatives: 0,
             ..base.clone()
         };
-        assert!(WarpSampler::new(csr, zero_neg).is_err());
+        let err = WarpSampler::new(csr, zero_neg).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("n_negatives must be at least 1, got 0"));
+        for bad in [0, MAX_PREFETCH + 1] {
+            let err = check_prefetch(bad).unwrap_err().to_string();
+            assert!(err.contains("prefetch must be between 1 and 1024"), "{err}");
+        }
         let empty = Csr::from_rows(3, &[vec![], vec![]]).unwrap();
         let err = WarpSampler::new(empty, base).unwrap_err();
         assert!(err.to_string().contains("no interactions"));

@@ -15,11 +15,11 @@
 //! eligible items: the row is padded with id -1 and distance +inf.
 //! Cost: 2 * Q * N * dim flops plus O(Q * k * (log k + dim)).
 
-use crate::csr::Csr;
+use crate::csr::{check_exclusions, Csr};
 use crate::error::{CoreError, Result};
 use crate::kernel::{self, Kernel, MAX_MR, MAX_TILE};
 use crate::parallel;
-use std::cmp::Ordering;
+use crate::vectors::{by_score_then_id, Neighbours, TopK, Vectors};
 use std::ops::Range;
 
 /// Below this many multiply-adds a call runs on the calling thread.
@@ -32,128 +32,6 @@ const SQDIST_BLOCK_FLOATS: usize = 1 << 17;
 const SQDIST_GROUP_FLOATS: usize = 1 << 21;
 /// Outputs from this size on are advised onto huge pages (numpy's threshold).
 const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
-
-/// A row-major matrix of `f32` vectors borrowed from the caller.
-#[derive(Clone, Copy, Debug)]
-pub struct Vectors<'a> {
-    pub data: &'a [f32],
-    pub dim: usize,
-}
-
-impl<'a> Vectors<'a> {
-    pub fn new(data: &'a [f32], dim: usize) -> Result<Self> {
-        if dim == 0 {
-            return Err(CoreError::invalid(
-                "vectors must have at least one column, got 0",
-            ));
-        }
-        if !data.len().is_multiple_of(dim) {
-            return Err(CoreError::invalid(format!(
-                "{} values do not form rows of {dim} columns",
-                data.len()
-            )));
-        }
-        Ok(Vectors { data, dim })
-    }
-
-    pub fn len(&self) -> usize {
-        self.data.len() / self.dim
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-
-    #[inline]
-    pub fn row(&self, i: usize) -> &'a [f32] {
-        &self.data[i * self.dim..(i + 1) * self.dim]
-    }
-
-    /// Fails on the first NaN or infinity, naming `name[row, column]`.
-    pub fn check_finite(&self, name: &str) -> Result<()> {
-        match self.data.iter().position(|v| !v.is_finite()) {
-            None => Ok(()),
-            Some(at) => Err(CoreError::invalid(format!(
-                "{name}[{}, {}] is {}; every value must be finite (check the model for divergence or the input for missing values)",
-                at / self.dim,
-                at % self.dim,
-                self.data[at]
-            ))),
-        }
-    }
-}
-
-/// Orders (score, id) pairs: by score, then by id, so ties resolve the same
-/// way whatever order candidates arrive in.
-#[inline]
-pub fn by_score_then_id(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
-    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
-}
-
-/// The k smallest (score, id) pairs pushed so far. Candidates collect in a
-/// buffer of about 2k; when it fills, a linear-time selection keeps the best k
-/// and the k-th score becomes the threshold a new candidate must beat.
-#[derive(Clone, Debug)]
-pub struct TopK {
-    k: usize,
-    buffer: Vec<(f32, u32)>,
-    threshold: f32,
-}
-
-impl TopK {
-    pub fn new(k: usize) -> TopK {
-        TopK {
-            k,
-            buffer: Vec::with_capacity(Self::capacity(k)),
-            threshold: f32::INFINITY,
-        }
-    }
-
-    fn capacity(k: usize) -> usize {
-        2 * k + 32
-    }
-
-    /// A candidate must score strictly below this to matter. Candidates arrive in
-    /// increasing id order within a scan, so an equal score would lose the tie.
-    #[inline]
-    pub fn threshold(&self) -> f32 {
-        self.threshold
-    }
-
-    #[inline]
-    pub fn push(&mut self, score: f32, id: u32) {
-        if score < self.threshold {
-            self.buffer.push((score, id));
-            if self.buffer.len() == Self::capacity(self.k) {
-                self.compact();
-            }
-        }
-    }
-
-    fn compact(&mut self) {
-        if self.buffer.len() > self.k {
-            self.buffer
-                .select_nth_unstable_by(self.k - 1, by_score_then_id);
-            self.buffer.truncate(self.k);
-            self.threshold = self.buffer[self.k - 1].0;
-        }
-    }
-
-    /// The best k, sorted by (score, id).
-    pub fn into_sorted(mut self) -> Vec<(f32, u32)> {
-        self.compact();
-        self.buffer.sort_unstable_by(by_score_then_id);
-        self.buffer
-    }
-}
-
-/// The `(ids, sqdist)` of a top-K call, row-major `n_queries x k`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Neighbours {
-    pub k: usize,
-    pub ids: Vec<i64>,
-    pub sqdist: Vec<f32>,
-}
 
 /// How queries and items are cut into tasks.
 struct Plan {
@@ -305,25 +183,6 @@ fn scan(
     tops.into_iter().map(TopK::into_sorted).collect()
 }
 
-/// Checks the shared arguments of the top-K entry points.
-fn check_exclude(exclude: Option<&Csr>, n_queries: usize, n_items: usize) -> Result<()> {
-    if let Some(e) = exclude {
-        if e.n_rows() != n_queries {
-            return Err(CoreError::invalid(format!(
-                "exclude has {} rows but there are {n_queries} queries; pass one row of excluded item ids per query",
-                e.n_rows()
-            )));
-        }
-        if e.n_cols() > n_items {
-            return Err(CoreError::invalid(format!(
-                "exclude has {} columns but there are only {n_items} items; its columns must be item ids",
-                e.n_cols()
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The `k` items nearest to each query (exact), nearest first.
 pub fn topk_l2(
     queries: Vectors,
@@ -344,23 +203,25 @@ pub fn topk_l2_with(
     exclude: Option<&Csr>,
     num_threads: usize,
 ) -> Result<Neighbours> {
-    if queries.dim != items.dim {
-        return Err(CoreError::invalid(format!(
-            "queries have {} columns but items have {}; both must live in the same space",
-            queries.dim, items.dim
-        )));
-    }
+    queries.expect_dim("queries", items.dim, "the item dimension")?;
     if k == 0 {
         return Err(CoreError::invalid("k must be at least 1, got 0"));
     }
     let (n_queries, n_items) = (queries.len(), items.len());
-    check_exclude(exclude, n_queries, n_items)?;
+    if n_items == 0 {
+        return Err(CoreError::invalid(
+            "items is empty; there is nothing to search",
+        ));
+    }
     if n_items > u32::MAX as usize {
         return Err(CoreError::invalid(format!(
             "{n_items} items exceed the supported {}",
             u32::MAX
         )));
     }
+    check_exclusions(exclude, n_queries, Some(n_items))?;
+    queries.check_finite("queries")?;
+    items.check_finite("items")?;
     let plan = plan(n_queries, n_items, queries.dim, kernel.nr, num_threads);
     let n_tasks = plan.n_chunks * plan.splits;
     let partial = parallel::map_tasks(num_threads, plan.serial, n_tasks, |task| {
@@ -415,12 +276,9 @@ pub fn topk_l2_with(
 /// row as one contiguous store. Items are packed a group at a time (a few MB,
 /// shared by all threads); each thread fills a contiguous range of rows.
 pub fn sqdist_matrix(queries: Vectors, items: Vectors, num_threads: usize) -> Result<Vec<f32>> {
-    if queries.dim != items.dim {
-        return Err(CoreError::invalid(format!(
-            "queries have {} columns but items have {}; both must live in the same space",
-            queries.dim, items.dim
-        )));
-    }
+    queries.expect_dim("queries", items.dim, "the item dimension")?;
+    queries.check_finite("queries")?;
+    items.check_finite("items")?;
     let kernel = kernel::best();
     let (n_queries, n_items, nr, dim) = (queries.len(), items.len(), kernel.nr, items.dim);
     let len = n_queries * n_items;
@@ -571,8 +429,8 @@ mod tests {
         let q = random(nq * dim, 1);
         let x = random(ni * dim, 2);
         let (queries, items) = (
-            Vectors::new(&q, dim).unwrap(),
-            Vectors::new(&x, dim).unwrap(),
+            Vectors::new("v", &q, dim).unwrap(),
+            Vectors::new("v", &x, dim).unwrap(),
         );
         let rows: Vec<Vec<u32>> = (0..nq)
             .map(|r| {
@@ -614,8 +472,8 @@ mod tests {
         let q = random(3 * dim, 3);
         let x = random(20_000 * dim, 4);
         let (queries, items) = (
-            Vectors::new(&q, dim).unwrap(),
-            Vectors::new(&x, dim).unwrap(),
+            Vectors::new("v", &q, dim).unwrap(),
+            Vectors::new("v", &x, dim).unwrap(),
         );
         let one = topk_l2(queries, items, 7, None, 1).unwrap();
         let many = topk_l2(queries, items, 7, None, 8).unwrap();
@@ -631,8 +489,8 @@ mod tests {
             let q = random(n_queries * dim, 5);
             let x = random(n_items * dim, 6);
             let (queries, items) = (
-                Vectors::new(&q, dim).unwrap(),
-                Vectors::new(&x, dim).unwrap(),
+                Vectors::new("v", &q, dim).unwrap(),
+                Vectors::new("v", &x, dim).unwrap(),
             );
             let d = sqdist_matrix(queries, items, 2).unwrap();
             assert_eq!(d, sqdist_matrix(queries, items, 1).unwrap());
@@ -650,26 +508,25 @@ mod tests {
     fn rejects_bad_arguments() {
         let q = [0f32; 4];
         let x = [0f32; 6];
-        let queries = Vectors::new(&q, 2).unwrap();
-        let items3 = Vectors::new(&x, 3).unwrap();
-        assert!(topk_l2(queries, items3, 1, None, 1)
-            .unwrap_err()
-            .to_string()
-            .contains("same space"));
-        let items2 = Vectors::new(&x, 2).unwrap();
-        assert!(topk_l2(queries, items2, 0, None, 1).is_err());
+        let queries = Vectors::new("queries", &q, 2).unwrap();
+        let items3 = Vectors::new("items", &x, 3).unwrap();
+        let message = |r: Result<Neighbours>| r.unwrap_err().to_string();
+        assert!(message(topk_l2(queries, items3, 1, None, 1))
+            .contains("queries must have 3 columns (the item dimension), got 2"));
+        let items2 = Vectors::new("items", &x, 2).unwrap();
+        assert!(message(topk_l2(queries, items2, 0, None, 1)).contains("k must be at least 1"));
+        let none = Vectors::new("items", &[], 2).unwrap();
+        assert!(message(topk_l2(queries, none, 1, None, 1)).contains("nothing to search"));
         let wrong_rows = Csr::from_rows(3, &[vec![0]]).unwrap();
-        assert!(topk_l2(queries, items2, 1, Some(&wrong_rows), 1)
-            .unwrap_err()
-            .to_string()
-            .contains("one row of excluded"));
-        assert!(Vectors::new(&x, 4).is_err());
+        assert!(message(topk_l2(queries, items2, 1, Some(&wrong_rows), 1))
+            .contains("exclude has 1 rows but there are 2 queries"));
+        let wide = Csr::from_rows(9, &[vec![0], vec![8]]).unwrap();
+        assert!(message(topk_l2(queries, items2, 1, Some(&wide), 1))
+            .contains("exclude has 9 columns but there are only 3 items"));
         let nan = [0.0, f32::NAN, 1.0, 2.0];
-        let err = Vectors::new(&nan, 2)
-            .unwrap()
-            .check_finite("queries")
-            .unwrap_err();
-        assert!(err.to_string().contains("queries[0, 1] is NaN"), "{err}");
-        assert!(Vectors::new(&x, 0).is_err());
+        let bad = Vectors::new("queries", &nan, 2).unwrap();
+        assert!(message(topk_l2(bad, items2, 1, None, 1)).contains("queries[0, 1] is NaN"));
+        let err = sqdist_matrix(queries, bad, 1).unwrap_err().to_string();
+        assert!(err.contains("items[0, 1] is NaN"), "{err}");
     }
 }

@@ -4,7 +4,8 @@
 
 use cml_core::lsh::{LshIndex, LshParams};
 use cml_core::rank::rank_weights;
-use cml_core::topk::{sqdist_matrix, topk_l2, Vectors};
+use cml_core::topk::{sqdist_matrix, topk_l2};
+use cml_core::vectors::Vectors;
 use cml_core::{Csr, SamplerConfig, WarpSampler};
 use proptest::prelude::*;
 
@@ -70,7 +71,7 @@ proptest! {
         // Re-cut the generated buffers to the drawn dimension.
         let q = &queries[..queries.len() / 12 * dim];
         let x = &items[..items.len() / 12 * dim];
-        let (qv, xv) = (Vectors::new(q, dim).unwrap(), Vectors::new(x, dim).unwrap());
+        let (qv, xv) = (Vectors::new("q", q, dim).unwrap(), Vectors::new("x", x, dim).unwrap());
         let rows: Vec<Vec<u32>> = (0..qv.len())
             .map(|r| (0..xv.len() as u32).filter(|j| (exclude_seed >> ((j + r as u32) % 60)) & 1 == 1).collect())
             .collect();
@@ -120,7 +121,8 @@ proptest! {
                 (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0
             })
             .collect();
-        let (weights, hardest) = rank_weights(&pos, &neg, negatives, margin, n_items, 2);
+        let neg_vectors = Vectors::new("neg", &neg, negatives).unwrap();
+        let (weights, hardest) = rank_weights(&pos, neg_vectors, margin, n_items as usize, 2).unwrap();
         for (b, &p) in pos.iter().enumerate() {
             let row = &neg[b * negatives..(b + 1) * negatives];
             let impostors = row.iter().filter(|&&d| margin + p - d > 0.0).count() as u64;
@@ -139,7 +141,7 @@ proptest! {
         probes in 1usize..200,
         seed in any::<u64>(),
     ) {
-        let (xv, qv) = (Vectors::new(&items, 6).unwrap(), Vectors::new(&queries, 6).unwrap());
+        let (xv, qv) = (Vectors::new("v", &items, 6).unwrap(), Vectors::new("v", &queries, 6).unwrap());
         let mut index = LshIndex::new(LshParams { dim: 6, n_tables: 4, n_hashes: 4, bucket_width: None, seed }).unwrap();
         let ids: Vec<i64> = (0..xv.len() as i64).map(|i| 1000 + 3 * i).collect();
         index.add(xv, &ids, 2).unwrap();

@@ -1,9 +1,10 @@
 //! Criterion benchmarks of the native core: WARP sampling, rank weights and
 //! exact top-K. Throughput is reported per triple / per query so runs on
-//! different sizes compare. Run: `cargo bench -p cml-benches`.
+//! different sizes compare. Run: `cargo bench -p cml-core`.
 
 use cml_core::rng::Rng;
-use cml_core::topk::{sqdist_matrix, topk_l2, Vectors};
+use cml_core::topk::{sqdist_matrix, topk_l2};
+use cml_core::vectors::Vectors;
 use cml_core::{Csr, SamplerConfig, WarpSampler};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -78,7 +79,8 @@ fn rank_weights(c: &mut Criterion) {
     let mut group = c.benchmark_group("rank_weights");
     group.throughput(Throughput::Elements(rows as u64));
     group.bench_function("10000x20", |b| {
-        b.iter(|| black_box(cml_core::rank::rank_weights(&pos, &neg, 20, 0.5, 25_975, 1)))
+        let neg = Vectors::new("neg", &neg, 20).unwrap();
+        b.iter(|| black_box(cml_core::rank::rank_weights(&pos, neg, 0.5, 25_975, 1)))
     });
     group.finish();
 }
@@ -91,8 +93,8 @@ fn topk(c: &mut Criterion) {
     for n_items in [25_975usize, 1_000_000] {
         let items = unit_ball(n_items, dim, 5);
         let (q, x) = (
-            Vectors::new(&queries, dim).unwrap(),
-            Vectors::new(&items, dim).unwrap(),
+            Vectors::new("v", &queries, dim).unwrap(),
+            Vectors::new("v", &items, dim).unwrap(),
         );
         group.throughput(Throughput::Elements(1_024));
         for threads in [1, 2] {
@@ -106,8 +108,8 @@ fn topk(c: &mut Criterion) {
     // The distance kernel alone (Q x N written out), for GFLOP/s: 2 * 256 * 25,975 * 100 flops.
     let items = unit_ball(25_975, dim, 6);
     let (q, x) = (
-        Vectors::new(&queries[..256 * dim], dim).unwrap(),
-        Vectors::new(&items, dim).unwrap(),
+        Vectors::new("v", &queries[..256 * dim], dim).unwrap(),
+        Vectors::new("v", &items, dim).unwrap(),
     );
     group.throughput(Throughput::Elements((2 * 256 * 25_975 * dim) as u64));
     group.bench_function("sqdist_256x25975_flops_1t", |b| {

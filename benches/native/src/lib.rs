@@ -1,1 +1,0 @@
-//! Criterion benchmarks of cml-core live in `benches/`; this library is empty.
