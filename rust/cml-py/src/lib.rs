@@ -1,15 +1,19 @@
 //! `cml_rs._native`: the thin PyO3 layer over `cml-core`.
 //!
-//! Each function extracts its numpy inputs while attached to the interpreter,
-//! releases the GIL around the core call, and converts the owned results back
-//! without copying. Array-likes, dtypes and scipy formats are normalised by the
-//! Python package (`cml_rs`), which is the public surface; this module checks
-//! shapes and values, once, and maps core errors to the builtin that fits.
+//! Each function converts its arguments while attached to the interpreter
+//! (numpy arrays borrowed without copies, integers with their names kept for
+//! error messages), runs the core with the GIL released, and converts the owned
+//! results back without copying. The core checks ranges and shapes; its
+//! messages are the ones users see. Array-likes, dtypes and scipy formats are
+//! normalised by the Python package (`cml_rs`), whose classes subclass the ones
+//! here.
 
 use cml_core::{CoreError, Csr};
 use numpy::PyReadonlyArray1;
-use pyo3::exceptions::{PyIndexError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyInt};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 mod kernels;
 mod lsh;
@@ -20,17 +24,99 @@ pub(crate) fn to_py_err(error: CoreError) -> PyErr {
     match error {
         CoreError::Invalid(m) | CoreError::Corrupt(m) => PyValueError::new_err(m),
         CoreError::OutOfRange(m) => PyIndexError::new_err(m),
-        CoreError::Io(e) => PyOSError::new_err(e.to_string()),
+        CoreError::Memory(m) => PyMemoryError::new_err(m),
+        CoreError::Io(e) => PyErr::from(e),
     }
 }
 
-pub(crate) trait OrRaise<T> {
-    fn or_raise(self) -> PyResult<T>;
+/// Runs `work` with the GIL released and maps its outcome: a core error to the
+/// builtin that fits, and a panic (a bug of ours) to a RuntimeError, so that no
+/// `PanicException` ever reaches the caller.
+pub(crate) fn detached<T, F>(py: Python<'_>, work: F) -> PyResult<T>
+where
+    T: Send,
+    F: FnOnce() -> cml_core::Result<T> + Send,
+{
+    py.detach(|| catch_unwind(AssertUnwindSafe(work)))
+        .map_err(|payload| {
+            PyRuntimeError::new_err(format!(
+                "internal error in cml-rs (please report it): {}",
+                cml_core::parallel::panic_message(&payload)
+            ))
+        })?
+        .map_err(to_py_err)
 }
 
-impl<T> OrRaise<T> for cml_core::Result<T> {
-    fn or_raise(self) -> PyResult<T> {
-        self.map_err(to_py_err)
+/// An integer argument as Python passed it. Extraction accepts any object, so
+/// that the conversion below can name the argument in its error: PyO3's own
+/// errors for a float or an out-of-range int do not say which argument it was.
+pub(crate) struct Int {
+    value: std::result::Result<i64, String>,
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Int {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let value = if obj.is_instance_of::<PyBool>() {
+            Err("bool".to_string())
+        } else if obj.is_instance_of::<PyInt>() || obj.hasattr("__index__")? {
+            match obj.extract::<i64>() {
+                Ok(v) => Ok(v),
+                // Beyond i64: keep the sign, the size speaks for itself.
+                Err(_) => Ok(if obj.lt(0)? { i64::MIN } else { i64::MAX }),
+            }
+        } else {
+            Err(obj.get_type().name()?.to_string())
+        };
+        Ok(Int { value })
+    }
+}
+
+impl Int {
+    /// The default of a `num_threads` argument (all cores).
+    pub(crate) const ZERO: Int = Int { value: Ok(0) };
+    pub(crate) const DEFAULT_TABLES: Int = Int {
+        value: Ok(cml_core::lsh::DEFAULT_TABLES as i64),
+    };
+    pub(crate) const DEFAULT_HASHES: Int = Int {
+        value: Ok(cml_core::lsh::DEFAULT_HASHES as i64),
+    };
+
+    fn integer(&self, name: &str) -> PyResult<i64> {
+        self.value.clone().map_err(|type_name| {
+            PyTypeError::new_err(format!("{name} must be an integer, got {type_name}"))
+        })
+    }
+
+    /// A count or size: a non-negative integer (the core checks its range).
+    pub(crate) fn count(&self, name: &str) -> PyResult<usize> {
+        let value = self.integer(name)?;
+        usize::try_from(value).map_err(|_| {
+            PyValueError::new_err(format!(
+                "{name} must be a non-negative integer, got {}",
+                describe(value)
+            ))
+        })
+    }
+
+    /// A seed or epoch: any integer in [0, 2**63).
+    pub(crate) fn unsigned(&self, name: &str) -> PyResult<u64> {
+        self.count(name).map(|v| v as u64)
+    }
+
+    /// A count where None means "the default".
+    pub(crate) fn optional_count(value: &Option<Int>, name: &str) -> PyResult<Option<usize>> {
+        value.as_ref().map(|v| v.count(name)).transpose()
+    }
+}
+
+/// An integer for a message; the saturated ends stand for anything beyond.
+fn describe(value: i64) -> String {
+    match value {
+        i64::MIN => "a number below -2**63".to_string(),
+        i64::MAX => "a number of 2**63 or more".to_string(),
+        v => v.to_string(),
     }
 }
 
@@ -64,41 +150,46 @@ impl IdArray<'_> {
     }
 }
 
-/// Validates CSR arrays into a core matrix (rows sorted, duplicates dropped).
-pub(crate) fn csr_from_ids(
-    name: &str,
+/// A CSR matrix passed from Python as `(indptr, indices, n_cols)`.
+pub(crate) type CsrArg<'py> = (IdArray<'py>, IdArray<'py>, Int);
+
+/// The borrowed arrays of a [`CsrArg`], ready to be validated by the core.
+pub(crate) struct CsrParts<'a> {
+    name: &'a str,
     n_rows: usize,
     n_cols: usize,
-    indptr: &IdSlice,
-    indices: &IdSlice,
-) -> cml_core::Result<Csr> {
-    use IdSlice::{I32, I64};
-    match (indptr, indices) {
-        (I32(p), I32(i)) => Csr::from_parts(name, n_rows, n_cols, p, i),
-        (I32(p), I64(i)) => Csr::from_parts(name, n_rows, n_cols, p, i),
-        (I64(p), I32(i)) => Csr::from_parts(name, n_rows, n_cols, p, i),
-        (I64(p), I64(i)) => Csr::from_parts(name, n_rows, n_cols, p, i),
-    }
+    indptr: IdSlice<'a>,
+    indices: IdSlice<'a>,
 }
 
-/// A CSR matrix passed from Python as `(indptr, indices, n_cols)`.
-pub(crate) type CsrArg<'py> = (IdArray<'py>, IdArray<'py>, usize);
-
-/// Converts a [`CsrArg`] with the GIL released (the arrays stay borrowed).
-pub(crate) fn csr_from_arg(py: Python<'_>, name: &str, arg: &CsrArg) -> PyResult<Csr> {
-    let (indptr, indices, n_cols) = arg;
-    if indptr.len() == 0 {
-        return Err(PyValueError::new_err(format!(
-            "{name}.indptr is empty; a CSR matrix has n_rows + 1 offsets"
-        )));
+impl<'a> CsrParts<'a> {
+    pub(crate) fn borrow(name: &'a str, arg: &'a CsrArg) -> PyResult<Self> {
+        let (indptr, indices, n_cols) = arg;
+        if indptr.len() == 0 {
+            return Err(PyValueError::new_err(format!(
+                "{name}.indptr is empty; a CSR matrix has n_rows + 1 offsets"
+            )));
+        }
+        Ok(CsrParts {
+            name,
+            n_rows: indptr.len() - 1,
+            n_cols: n_cols.count(&format!("{name}.shape[1]"))?,
+            indptr: indptr.as_ids(&format!("{name}.indptr"))?,
+            indices: indices.as_ids(&format!("{name}.indices"))?,
+        })
     }
-    let (p, i) = (
-        indptr.as_ids(&format!("{name}.indptr"))?,
-        indices.as_ids(&format!("{name}.indices"))?,
-    );
-    let n_rows = indptr.len() - 1;
-    py.detach(|| csr_from_ids(name, n_rows, *n_cols, &p, &i))
-        .or_raise()
+
+    /// Validates the arrays into a core matrix (rows sorted, duplicates dropped).
+    pub(crate) fn to_csr(&self) -> cml_core::Result<Csr> {
+        use IdSlice::{I32, I64};
+        let (name, rows, cols) = (self.name, self.n_rows, self.n_cols);
+        match (&self.indptr, &self.indices) {
+            (I32(p), I32(i)) => Csr::from_parts(name, rows, cols, p, i),
+            (I32(p), I64(i)) => Csr::from_parts(name, rows, cols, p, i),
+            (I64(p), I32(i)) => Csr::from_parts(name, rows, cols, p, i),
+            (I64(p), I64(i)) => Csr::from_parts(name, rows, cols, p, i),
+        }
+    }
 }
 
 /// The kernel variant this CPU uses for distances ("avx512", "avx2" or "scalar").
@@ -115,10 +206,4 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kernels::register(m)?;
     lsh::register(m)?;
     Ok(())
-}
-
-/// Shapes an `(n, d)` array for error messages.
-pub(crate) fn shape_of(shape: &[usize]) -> String {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    format!("({})", dims.join(", "))
 }

@@ -1,21 +1,20 @@
 //! Binding of the LSH index. Queries share a read lock and run with the GIL
 //! released; adding vectors takes the write lock.
 
-use crate::kernels::{check_k, neighbour_arrays, vectors as borrow_vectors, NeighbourArrays};
-use crate::{csr_from_arg, shape_of, CsrArg, OrRaise};
+use crate::kernels::{neighbour_arrays, vectors as borrow_vectors, NeighbourArrays};
+use crate::{detached, CsrArg, CsrParts, Int};
 use cml_core::lsh::{LshIndex as CoreIndex, LshParams};
 use numpy::ndarray::Array2;
-use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
-};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyType};
 use std::path::PathBuf;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Native LSH index; use `cml_rs.LshIndex`, which accepts array-likes and scipy matrices.
-#[pyclass(module = "cml_rs._native", frozen)]
+/// p-stable L2 LSH with multi-probe and exact re-ranking; `cml_rs.LshIndex`
+/// is this class with array-like input and tuning.
+#[pyclass(module = "cml_rs._native", subclass, frozen)]
 pub struct LshIndex {
     inner: RwLock<CoreIndex>,
 }
@@ -29,92 +28,97 @@ impl LshIndex {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn wrap(index: CoreIndex) -> Self {
-        LshIndex {
-            inner: RwLock::new(index),
-        }
+    /// An instance of `cls` (this class or a Python subclass) holding `index`:
+    /// `cls` is called with the index's parameters, then given the index.
+    fn instance_of<'py>(cls: &Bound<'py, PyType>, index: CoreIndex) -> PyResult<Bound<'py, PyAny>> {
+        let p = index.params();
+        let object = cls.call1((p.dim, p.n_tables, p.n_hashes, p.bucket_width, p.seed))?;
+        *object.cast::<LshIndex>()?.get().write() = index;
+        Ok(object)
     }
 }
 
 #[pymethods]
 impl LshIndex {
-    /// An empty index of `n_tables` tables of `n_hashes` p-stable hashes each.
+    /// An empty index of `n_tables` tables of `n_hashes` p-stable hashes each;
+    /// `bucket_width=None` chooses the width from the first vectors added.
     #[new]
-    #[pyo3(signature = (dim, n_tables, n_hashes, bucket_width, seed))]
+    #[pyo3(signature = (dim, n_tables=Int::DEFAULT_TABLES, n_hashes=Int::DEFAULT_HASHES, bucket_width=None, seed=Int::ZERO),
+       text_signature = "(dim, n_tables=16, n_hashes=16, bucket_width=None, seed=0)")]
     fn new(
-        dim: usize,
-        n_tables: usize,
-        n_hashes: usize,
+        dim: Int,
+        n_tables: Int,
+        n_hashes: Int,
         bucket_width: Option<f32>,
-        seed: u64,
+        seed: Int,
     ) -> PyResult<Self> {
         let params = LshParams {
-            dim,
-            n_tables,
-            n_hashes,
+            dim: dim.count("dim")?,
+            n_tables: n_tables.count("n_tables")?,
+            n_hashes: n_hashes.count("n_hashes")?,
             bucket_width,
-            seed,
+            seed: seed.unsigned("seed")?,
         };
-        Ok(LshIndex::wrap(CoreIndex::new(params).or_raise()?))
+        let index = CoreIndex::new(params).map_err(crate::to_py_err)?;
+        Ok(LshIndex {
+            inner: RwLock::new(index),
+        })
     }
 
-    /// Adds `vectors` (n, dim) with `ids` (n,) and rebuilds the tables.
-    #[pyo3(signature = (vectors, ids, num_threads=0))]
+    /// Adds `vectors` (n, dim) with unique `ids` (n,) and rebuilds the tables.
+    #[pyo3(signature = (vectors, ids, num_threads=Int::ZERO),
+       text_signature = "($self, vectors, ids, num_threads=0)")]
     fn add_items(
         &self,
         py: Python<'_>,
         vectors: PyReadonlyArray2<'_, f32>,
         ids: PyReadonlyArray1<'_, i64>,
-        num_threads: usize,
+        num_threads: Int,
     ) -> PyResult<()> {
-        let rows = vectors.shape()[0];
+        let threads = num_threads.count("num_threads")?;
         let data = borrow_vectors("vectors", &vectors)?;
         let ids = ids
             .as_slice()
             .map_err(|_| PyValueError::new_err("ids must be C-contiguous"))?;
-        if rows == 0 {
-            return Err(PyValueError::new_err(format!(
-                "vectors has shape {}; there is nothing to add",
-                shape_of(vectors.shape())
-            )));
-        }
-        py.detach(|| self.write().add(data, ids, num_threads))
-            .or_raise()
+        detached(py, || self.write().add(data, ids, threads))
     }
 
     /// `(ids, sqdist)`, each (Q, k): the k nearest indexed vectors among the
     /// candidates of `n_probes` probes over the first `n_tables` tables.
-    #[pyo3(signature = (queries, k, n_probes=None, n_tables=None, exclude=None, num_threads=0))]
+    #[pyo3(signature = (queries, k, n_probes=None, n_tables=None, exclude=None, num_threads=Int::ZERO),
+       text_signature = "($self, queries, k, n_probes=None, n_tables=None, exclude=None, num_threads=0)")]
     #[allow(clippy::too_many_arguments)]
     fn query<'py>(
         &self,
         py: Python<'py>,
         queries: PyReadonlyArray2<'py, f32>,
-        k: i64,
-        n_probes: Option<usize>,
-        n_tables: Option<usize>,
+        k: Int,
+        n_probes: Option<Int>,
+        n_tables: Option<Int>,
         exclude: Option<CsrArg<'py>>,
-        num_threads: usize,
+        num_threads: Int,
     ) -> PyResult<NeighbourArrays<'py>> {
-        let k = check_k(k)?;
+        let k = k.count("k")?;
+        let probes = Int::optional_count(&n_probes, "n_probes")?;
+        let tables = Int::optional_count(&n_tables, "n_tables")?;
+        let threads = num_threads.count("num_threads")?;
         let q = borrow_vectors("queries", &queries)?;
         let exclude = exclude
-            .map(|e| csr_from_arg(py, "exclude", &e))
+            .as_ref()
+            .map(|e| CsrParts::borrow("exclude", e))
             .transpose()?;
-        let found = py
-            .detach(|| {
-                q.check_finite("queries")?;
-                self.read()
-                    .query(q, k, n_probes, n_tables, exclude.as_ref(), num_threads)
-            })
-            .or_raise()?;
+        let found = detached(py, || {
+            let exclude = exclude.as_ref().map(CsrParts::to_csr).transpose()?;
+            self.read()
+                .query(q, k, probes, tables, exclude.as_ref(), threads)
+        })?;
         Ok(neighbour_arrays(py, found))
     }
 
     /// Sets the probes and tables used when a query does not name them.
-    fn set_defaults(&self, py: Python<'_>, n_probes: usize, n_tables: usize) -> PyResult<()> {
-        py.detach(|| self.write().set_defaults(n_probes, n_tables))
-            .or_raise()
+    fn set_defaults(&self, py: Python<'_>, n_probes: Int, n_tables: Int) -> PyResult<()> {
+        let (probes, tables) = (n_probes.count("n_probes")?, n_tables.count("n_tables")?);
+        detached(py, || self.write().set_defaults(probes, tables))
     }
 
     /// A copy of the indexed vectors (n, dim), in storage order (grouped by bucket).
@@ -126,24 +130,30 @@ impl LshIndex {
             .into_pyarray(py)
     }
 
-    /// The ids of the indexed vectors, in storage order (as `vectors`).
+    /// The ids of the indexed vectors, in storage order (as `vectors()`).
+    #[getter]
     fn ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
         self.read().ids().to_vec().into_pyarray(py)
     }
 
     /// Writes the index with a checksum (atomically: a temporary file is renamed).
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.read().save(&path)).or_raise()
+        detached(py, || self.read().save(&path))
     }
 
-    /// Reads an index written by `save`; damaged files raise ValueError.
-    #[staticmethod]
-    #[pyo3(signature = (path, num_threads=0))]
-    fn load(py: Python<'_>, path: PathBuf, num_threads: usize) -> PyResult<Self> {
-        let index = py
-            .detach(|| CoreIndex::load(&path, num_threads))
-            .or_raise()?;
-        Ok(LshIndex::wrap(index))
+    /// Reads an index written by `save`; a damaged file raises ValueError, a
+    /// missing one FileNotFoundError.
+    #[classmethod]
+    #[pyo3(signature = (path, num_threads=Int::ZERO),
+       text_signature = "($cls, path, num_threads=0)")]
+    fn load<'py>(
+        cls: &Bound<'py, PyType>,
+        path: PathBuf,
+        num_threads: Int,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let threads = num_threads.count("num_threads")?;
+        let index = detached(cls.py(), || CoreIndex::load(&path, threads))?;
+        Self::instance_of(cls, index)
     }
 
     /// The index in its file format (for pickling).
@@ -153,14 +163,17 @@ impl LshIndex {
     }
 
     /// An index from `to_bytes` output.
-    #[staticmethod]
-    #[pyo3(signature = (data, num_threads=0))]
-    fn from_bytes(py: Python<'_>, data: &[u8], num_threads: usize) -> PyResult<Self> {
-        let owned = data.to_vec();
-        let index = py
-            .detach(move || CoreIndex::from_bytes(&owned, num_threads))
-            .or_raise()?;
-        Ok(LshIndex::wrap(index))
+    #[classmethod]
+    #[pyo3(signature = (data, num_threads=Int::ZERO),
+       text_signature = "($cls, data, num_threads=0)")]
+    fn from_bytes<'py>(
+        cls: &Bound<'py, PyType>,
+        data: &[u8],
+        num_threads: Int,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let threads = num_threads.count("num_threads")?;
+        let index = detached(cls.py(), || CoreIndex::from_bytes(data, threads))?;
+        Self::instance_of(cls, index)
     }
 
     /// Bytes held by the index (vectors, ids, projections, tables).
@@ -168,20 +181,24 @@ impl LshIndex {
         self.read().memory_bytes()
     }
 
+    /// Vectors held.
     fn __len__(&self) -> usize {
         self.read().len()
     }
 
+    /// Dimension of the vectors.
     #[getter]
     fn dim(&self) -> usize {
         self.read().params().dim
     }
 
+    /// Hash tables built.
     #[getter]
     fn n_tables(&self) -> usize {
         self.read().params().n_tables
     }
 
+    /// Hashes per table.
     #[getter]
     fn n_hashes(&self) -> usize {
         self.read().params().n_hashes
@@ -193,16 +210,19 @@ impl LshIndex {
         self.read().params().bucket_width
     }
 
+    /// Seed of the hash functions.
     #[getter]
     fn seed(&self) -> u64 {
         self.read().params().seed
     }
 
+    /// Probes a query uses when it does not say.
     #[getter]
     fn default_probes(&self) -> usize {
         self.read().default_probes()
     }
 
+    /// Tables a query searches when it does not say.
     #[getter]
     fn default_tables(&self) -> usize {
         self.read().default_tables()

@@ -3,11 +3,10 @@
 //! released and inside the object's lock, so several Python threads can share
 //! one sampler and a blocked consumer never blocks the interpreter.
 
-use crate::{csr_from_ids, IdArray, OrRaise};
+use crate::{detached, IdArray, Int};
 use cml_core::{Batch, BatchStream, SamplerConfig};
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -35,14 +34,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 struct StreamState {
-    /// The epoch the next `epoch_batches()` call iterates.
+    /// The epoch the next iteration produces.
     next_epoch: u64,
     /// The endless stream behind `next_batch()`, started lazily at `next_epoch`.
     stream: Option<BatchStream>,
 }
 
-/// Native WARP sampler; use `cml_rs.WarpSampler`, which accepts scipy matrices.
-#[pyclass(module = "cml_rs._native", frozen)]
+/// Batches of `(users, positives, negatives)` for CML's WARP loss, drawn on
+/// Rust threads; `cml_rs.WarpSampler` is this class with scipy input.
+#[pyclass(module = "cml_rs._native", subclass, frozen)]
 pub struct WarpSampler {
     inner: Arc<cml_core::WarpSampler>,
     prefetch: usize,
@@ -50,9 +50,15 @@ pub struct WarpSampler {
     state: Mutex<StreamState>,
 }
 
+impl WarpSampler {
+    fn negatives_per_pair(&self) -> usize {
+        self.inner.config().n_negatives
+    }
+}
+
 #[pymethods]
 impl WarpSampler {
-    /// Builds a sampler over the CSR arrays of a user x item matrix.
+    /// A sampler over the CSR arrays of a user x item matrix.
     #[new]
     #[pyo3(signature = (indptr, indices, n_items, batch_size, n_negatives, seed, num_threads, check_negative, prefetch))]
     #[allow(clippy::too_many_arguments)]
@@ -60,39 +66,33 @@ impl WarpSampler {
         py: Python<'_>,
         indptr: IdArray,
         indices: IdArray,
-        n_items: usize,
-        batch_size: usize,
-        n_negatives: usize,
-        seed: u64,
-        num_threads: usize,
+        n_items: Int,
+        batch_size: Int,
+        n_negatives: Int,
+        seed: Int,
+        num_threads: Int,
         check_negative: bool,
-        prefetch: usize,
+        prefetch: Int,
     ) -> PyResult<Self> {
-        if indptr.len() == 0 {
-            return Err(PyValueError::new_err(
-                "user_items.indptr is empty; a CSR matrix has n_rows + 1 offsets",
-            ));
-        }
-        let (p, i) = (
-            indptr.as_ids("user_items.indptr")?,
-            indices.as_ids("user_items.indices")?,
-        );
-        let n_users = indptr.len() - 1;
+        let arg = (indptr, indices, n_items);
+        let matrix = crate::CsrParts::borrow("user_items", &arg)?;
         let config = SamplerConfig {
-            batch_size,
-            n_negatives,
-            seed,
+            batch_size: batch_size.count("batch_size")?,
+            n_negatives: n_negatives.count("n_negatives")?,
+            seed: seed.unsigned("seed")?,
             check_negative,
         };
-        let inner = py
-            .detach(|| {
-                let csr = csr_from_ids("user_items", n_users, n_items, &p, &i)?;
-                cml_core::WarpSampler::new(csr, config)
-            })
-            .or_raise()?;
+        let (num_threads, prefetch) = (
+            num_threads.count("num_threads")?,
+            prefetch.count("prefetch")?,
+        );
+        let inner = detached(py, || {
+            cml_core::sampler::check_prefetch(prefetch)?;
+            cml_core::WarpSampler::new(matrix.to_csr()?, config)
+        })?;
         Ok(WarpSampler {
             inner: Arc::new(inner),
-            prefetch: prefetch.max(1),
+            prefetch,
             num_threads,
             state: Mutex::new(StreamState {
                 next_epoch: 0,
@@ -107,50 +107,69 @@ impl WarpSampler {
         self.inner.n_batches()
     }
 
-    /// Training pairs (distinct stored entries of user_items).
+    /// Training pairs (distinct stored entries of user_items): pairs per epoch.
     #[getter]
     fn n_pairs(&self) -> usize {
         self.inner.n_pairs()
     }
 
+    /// Rows of the matrix.
     #[getter]
     fn n_users(&self) -> usize {
         self.inner.positives().n_rows()
     }
 
+    /// Columns of the matrix.
     #[getter]
     fn n_items(&self) -> usize {
         self.inner.positives().n_cols()
     }
 
+    /// Pairs per batch.
     #[getter]
     fn batch_size(&self) -> usize {
         self.inner.config().batch_size
     }
 
+    /// Negatives drawn per pair.
     #[getter]
     fn n_negatives(&self) -> usize {
-        self.inner.config().n_negatives
+        self.negatives_per_pair()
     }
 
+    /// Seed of the epoch permutations and of the negatives.
     #[getter]
     fn seed(&self) -> u64 {
         self.inner.config().seed
     }
 
+    /// Whether negatives avoid the user's positives.
     #[getter]
     fn check_negative(&self) -> bool {
         self.inner.config().check_negative
     }
 
-    /// The epoch the next iteration will produce.
+    /// Threads that draw negatives (0: all cores).
+    #[getter]
+    fn num_threads(&self) -> usize {
+        self.num_threads
+    }
+
+    /// Batches prepared ahead of the consumer.
+    #[getter]
+    fn prefetch(&self) -> usize {
+        self.prefetch
+    }
+
+    /// The epoch the next iteration produces.
     #[getter]
     fn epoch(&self, py: Python<'_>) -> u64 {
         py.detach(|| lock(&self.state).next_epoch)
     }
 
     /// Makes the next iteration (and a restarted `next_batch` stream) produce `epoch`.
-    fn set_epoch(&self, py: Python<'_>, epoch: u64) {
+    fn set_epoch(&self, py: Python<'_>, epoch: Int) -> PyResult<()> {
+        let epoch = epoch.unsigned("epoch")?;
         let old = py.detach(|| {
             let mut state = lock(&self.state);
             state.next_epoch = epoch;
@@ -158,6 +177,7 @@ impl WarpSampler {
         });
         // Joining the old producer can take a moment; do it without the lock or the GIL.
         py.detach(move || drop(old));
+        Ok(())
     }
 
     /// The batches of the next epoch, produced ahead on a background thread.
@@ -169,7 +189,7 @@ impl WarpSampler {
             epoch
         });
         EpochBatches {
-            n_negatives: self.inner.config().n_negatives,
+            n_negatives: self.negatives_per_pair(),
             stream: Mutex::new(BatchStream::new(
                 Arc::clone(&self.inner),
                 epoch,
@@ -180,27 +200,35 @@ impl WarpSampler {
         }
     }
 
+    /// One epoch: iterating the sampler yields the next epoch's batches.
+    fn __iter__(&self, py: Python<'_>) -> EpochBatches {
+        self.epoch_batches(py)
+    }
+
+    /// Batches per epoch.
+    fn __len__(&self) -> usize {
+        self.inner.n_batches()
+    }
+
     /// The next batch of an endless stream that moves on to the next epoch after
     /// each full pass: `(users, positives, negatives)`.
     fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<BatchArrays<'py>> {
-        let batch = py
-            .detach(|| {
-                let mut state = lock(&self.state);
-                let start = state.next_epoch;
-                let stream = state.stream.get_or_insert_with(|| {
-                    BatchStream::new(
-                        Arc::clone(&self.inner),
-                        start,
-                        None,
-                        self.prefetch,
-                        self.num_threads,
-                    )
-                });
-                stream.next_batch()
-            })
-            .or_raise()?
-            .expect("an endless stream always has a next batch");
-        Ok(to_arrays(py, batch, self.inner.config().n_negatives))
+        let batch = detached(py, || {
+            let mut state = lock(&self.state);
+            let start = state.next_epoch;
+            let stream = state.stream.get_or_insert_with(|| {
+                BatchStream::new(
+                    Arc::clone(&self.inner),
+                    start,
+                    None,
+                    self.prefetch,
+                    self.num_threads,
+                )
+            });
+            stream.next_batch()
+        })?
+        .expect("an endless stream always has a next batch");
+        Ok(to_arrays(py, batch, self.negatives_per_pair()))
     }
 }
 
@@ -221,12 +249,14 @@ pub struct EpochBatches {
 
 #[pymethods]
 impl EpochBatches {
+    /// The iterator itself.
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }
 
+    /// The next batch `(users, positives, negatives)`; waits for it with the GIL released.
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchArrays<'py>>> {
-        let batch = py.detach(|| lock(&self.stream).next_batch()).or_raise()?;
+        let batch = detached(py, || lock(&self.stream).next_batch())?;
         Ok(batch.map(|b| to_arrays(py, b, self.n_negatives)))
     }
 
