@@ -8,7 +8,7 @@ torch does the learning.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _native
 
@@ -31,6 +31,11 @@ __all__ = [
     "sqdist",
     "topk_l2",
 ]
+
+if TYPE_CHECKING:  # what the lazy exports below resolve to, for type checkers and IDEs
+    from . import datasets, evaluation, nn, retrieval
+    from .lsh import LshIndex
+    from .model import CML, CollaborativeMetricLearning
 
 # torch, scipy.stats and friends load only when the model side is used.
 _LAZY = {

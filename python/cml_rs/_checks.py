@@ -1,12 +1,17 @@
 """Input normalisation shared by every public entry point.
 
-Array-likes become C-contiguous float32 / int64 numpy arrays (copied only when
-they must be) and scipy matrices become CSR. The native layer then checks
-values (NaN, id ranges) once, with the GIL released.
+Python's share of checking is the types: array-likes become C-contiguous
+float32 / int64 numpy arrays (copied only when they must be), scipy matrices
+become CSR, a 1-D query becomes one row. Ranges and shapes of what goes to
+the native core are checked there, once, and its messages are the ones users
+see. Arguments that never leave Python (model hyper-parameters, N, K) are
+checked here with the same wording.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Any
 
@@ -16,35 +21,36 @@ import scipy.sparse as sp
 CsrArrays = tuple[np.ndarray, np.ndarray, int]
 
 
-def as_vectors(x: Any, name: str, dim: int | None = None) -> np.ndarray:
-    """`x` as a C-contiguous float32 (n, d) array; float64 and ints are converted."""
+def as_real_array(x: Any, name: str, ndim: int) -> np.ndarray:
+    """`x` as a C-contiguous float32 array of `ndim` dimensions; ints and float64 are converted."""
     if sp.issparse(x):
-        raise TypeError(f"{name} must be a dense array of vectors, got a scipy sparse matrix")
+        raise TypeError(f"{name} must be a dense array, got a scipy sparse matrix")
     try:
         array = np.asarray(x)
     except (TypeError, ValueError) as error:
         raise TypeError(f"{name} must be an array of numbers: {error}") from None
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, d), got shape {array.shape}")
-    if dim is not None and array.shape[1] != dim:
-        raise ValueError(f"{name} must have {dim} columns (the vector dimension), got {array.shape[1]}")
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"{name} must hold real numbers (float or int), got dtype {array.dtype}")
+    if array.ndim != ndim:
+        shape = "(n, d)" if ndim == 2 else "(n,)"
+        raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {array.shape}")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def as_queries(x: Any, name: str = "queries", dim: int | None = None) -> tuple[np.ndarray, bool]:
+def as_vectors(x: Any, name: str) -> np.ndarray:
+    """`x` as a C-contiguous float32 (n, d) array."""
+    return as_real_array(x, name, 2)
+
+
+def as_queries(x: Any, name: str = "queries") -> tuple[np.ndarray, bool]:
     """Queries as a (Q, d) float32 array, and whether a single 1-D query was given."""
-    array = np.asarray(x) if not sp.issparse(x) else x
-    single = getattr(array, "ndim", 0) == 1
-    if single:
-        array = array[None, :]
-    return as_vectors(array, name, dim), single
+    single = not sp.issparse(x) and np.ndim(x) == 1
+    return as_vectors(np.asarray(x)[None, :] if single else x, name), single
 
 
-def as_csr(matrix: Any, name: str, n_rows: int | None = None, n_cols: int | None = None) -> sp.csr_matrix:
+def as_csr(matrix: Any, name: str) -> sp.csr_matrix:
     """`matrix` as scipy CSR: other sparse formats are converted with a warning,
-    dense 2-D arrays are rejected (an implicit-feedback matrix is sparse)."""
+    dense arrays are rejected (an implicit-feedback matrix is sparse)."""
     if not sp.issparse(matrix):
         raise TypeError(
             f"{name} must be a scipy.sparse matrix (CSR preferred), got {type(matrix).__name__}; "
@@ -55,33 +61,75 @@ def as_csr(matrix: Any, name: str, n_rows: int | None = None, n_cols: int | None
             f"{name} is a {matrix.format.upper()} matrix; converting it to CSR once (pass CSR to avoid the copy)",
             stacklevel=3,
         )
-        matrix = matrix.tocsr()
-    if matrix.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got {matrix.ndim}-D")
-    rows, cols = matrix.shape
-    if n_rows is not None and rows != n_rows:
-        raise ValueError(f"{name} must have {n_rows} rows, got {rows} (shape {matrix.shape})")
-    if n_cols is not None and cols != n_cols:
-        raise ValueError(f"{name} must have {n_cols} columns, got {cols} (shape {matrix.shape})")
+        matrix = sp.csr_matrix(matrix)
+    return matrix
+
+
+def require_csr(matrix: Any, name: str) -> sp.csr_matrix:
+    """`matrix` when it is already CSR; anything else is a ValueError saying what to pass."""
+    if not (sp.issparse(matrix) and matrix.format == "csr"):
+        kind = f"a {matrix.format.upper()} matrix" if sp.issparse(matrix) else type(matrix).__name__
+        raise ValueError(f"{name} must be a CSR matrix, got {kind}; pass scipy.sparse.csr_matrix({name})")
     return matrix
 
 
 def csr_arrays(matrix: sp.csr_matrix) -> CsrArrays:
     """The (indptr, indices, n_cols) triple the native layer takes (no copy)."""
-    indptr = np.ascontiguousarray(matrix.indptr)
-    indices = np.ascontiguousarray(matrix.indices)
-    return indptr, indices, int(matrix.shape[1])
+    return np.ascontiguousarray(matrix.indptr), np.ascontiguousarray(matrix.indices), int(matrix.shape[1])
 
 
-def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    """`value` as an int >= minimum, or a clear TypeError / ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+def as_ids(values: Any, name: str) -> tuple[np.ndarray, bool]:
+    """Ids as a 1-D int64 array, and whether a scalar was given. Floats are
+    accepted only when they are whole numbers (0.7 is a mistake, not id 0)."""
+    array = np.asarray(values)
+    single = array.ndim == 0
+    if array.size and array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise TypeError(f"{name} must hold integer ids, got non-integral values such as {array.ravel()[0]!r}")
+    elif array.size and array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer ids, got dtype {array.dtype}")
+    if array.ndim > 1:
+        raise ValueError(f"{name} must be an id or a 1-D array of ids, got shape {array.shape}")
+    if array.size and array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds ids beyond 2**63")
+    return np.atleast_1d(array).astype(np.int64, copy=False).ravel(), single
+
+
+def check_ids_below(ids: np.ndarray, limit: int, name: str) -> np.ndarray:
+    """`ids` when every one is in [0, limit); an IndexError naming the first that is not."""
+    if ids.size and (ids.min() < 0 or ids.max() >= limit):
+        bad = ids[(ids < 0) | (ids >= limit)][0]
+        raise IndexError(f"{name} {bad} is out of range: ids must be in [0, {limit})")
+    return ids
+
+
+def check_int(value: Any, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """`value` as an int in [minimum, maximum], or a clear TypeError / ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")
     return int(value)
 
 
-def check_num_threads(num_threads: Any) -> int:
-    """Thread count: 0 means all cores."""
-    return check_positive_int(num_threads, "num_threads", minimum=0)
+def as_float(value: Any, name: str) -> float:
+    """`value` as a float (any real number), or a TypeError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_float(
+    value: Any, name: str, minimum: float | None = None, strict: bool = False, maximum: float | None = None
+) -> float:
+    """`value` as a finite float within the bounds, or a clear TypeError / ValueError."""
+    number = as_float(value, name)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    if minimum is not None and (number < minimum or (strict and number == minimum)):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {number}")
+    return number

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._checks import as_csr, as_queries, as_vectors, check_num_threads, check_positive_int, csr_arrays
+from ._checks import as_csr, as_float, as_queries, as_real_array, as_vectors, csr_arrays
+
+__all__ = ["rank_weights", "sqdist", "topk_l2"]
 
 
 def rank_weights(
@@ -40,12 +42,12 @@ def rank_weights(
     weights : float32 ndarray, shape (B,)
     hardest : int64 ndarray, shape (B,)
     """
-    pos = np.ascontiguousarray(np.asarray(pos_dist), dtype=np.float32)
-    if pos.ndim != 1:
-        raise ValueError(f"pos_dist must be 1-D (B,), got shape {pos.shape}")
-    neg = as_vectors(neg_dist, "neg_dist")
     return _native.rank_weights(
-        pos, neg, float(margin), check_positive_int(n_items, "n_items"), check_num_threads(num_threads)
+        as_real_array(pos_dist, "pos_dist", 1),
+        as_vectors(neg_dist, "neg_dist"),
+        as_float(margin, "margin"),
+        n_items,
+        num_threads,
     )
 
 
@@ -80,17 +82,8 @@ def topk_l2(
         Exact squared distances; +inf in padded slots.
     """
     query_array, single = as_queries(queries)
-    item_array = as_vectors(items, "items")
-    if item_array.shape[1] != query_array.shape[1]:
-        raise ValueError(
-            f"queries must have {item_array.shape[1]} columns (the item dimension), got {query_array.shape[1]}"
-        )
-    excluded = None
-    if exclude is not None:
-        excluded = csr_arrays(as_csr(exclude, "exclude", n_rows=query_array.shape[0], n_cols=item_array.shape[0]))
-    ids, dist = _native.topk_l2(
-        query_array, item_array, check_positive_int(k, "k"), excluded, check_num_threads(num_threads)
-    )
+    excluded = csr_arrays(as_csr(exclude, "exclude")) if exclude is not None else None
+    ids, dist = _native.topk_l2(query_array, as_vectors(items, "items"), k, excluded, num_threads)
     return (ids[0], dist[0]) if single else (ids, dist)
 
 
@@ -99,6 +92,4 @@ def sqdist(queries: Any, items: Any, num_threads: int = 0) -> np.ndarray:
 
     Allocates the full Q x N matrix; use :func:`topk_l2` when only the nearest matter.
     """
-    query_array = as_vectors(queries, "queries")
-    item_array = as_vectors(items, "items", dim=query_array.shape[1])
-    return _native.sqdist(query_array, item_array, check_num_threads(num_threads))
+    return _native.sqdist(as_vectors(queries, "queries"), as_vectors(items, "items"), num_threads)

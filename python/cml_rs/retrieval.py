@@ -1,4 +1,4 @@
-"""Top-K retrieval backends behind one small interface (SPEC section 6).
+"""Top-K retrieval backends behind one small interface.
 
 CML's recommendations are Euclidean nearest neighbours, so any L2 index
 serves. Three backends share ``build_index(backend, vectors)`` and
@@ -19,11 +19,21 @@ from __future__ import annotations
 from typing import Any, Protocol, Union
 
 import numpy as np
+import scipy.sparse as sp
 
-from ._checks import as_csr, as_queries, as_vectors, check_num_threads, check_positive_int
+from ._checks import as_csr, as_queries, as_vectors, check_int
 from .kernels import topk_l2
 
-__all__ = ["Backend", "ExactIndex", "HnswIndex", "NearestNeighbourIndex", "build_index"]
+__all__ = [
+    "Backend",
+    "ExactIndex",
+    "HnswIndex",
+    "NearestNeighbourIndex",
+    "build_index",
+    "exclusion_rows",
+    "neighbour_recall",
+    "search_subset",
+]
 
 
 class NearestNeighbourIndex(Protocol):
@@ -93,7 +103,7 @@ class HnswIndex:
         self.vectors = as_vectors(vectors, "vectors")
         if len(self.vectors) == 0:
             raise ValueError("cannot index an empty set of vectors")
-        self.M, self.ef_construction, self.ef = M, ef_construction, check_positive_int(ef, "ef")
+        self.M, self.ef_construction, self.ef = M, ef_construction, check_int(ef, "ef")
         self.index = hnswlib.Index(space="l2", dim=self.dim)
         self.index.init_index(max_elements=len(self.vectors), M=M, ef_construction=ef_construction, random_seed=seed)
         self.index.add_items(self.vectors, np.arange(len(self.vectors)), num_threads=_hnsw_threads(num_threads))
@@ -107,17 +117,19 @@ class HnswIndex:
 
     def set_ef(self, ef: int) -> None:
         """Search breadth: higher is slower and more accurate."""
-        self.ef = check_positive_int(ef, "ef")
+        self.ef = check_int(ef, "ef")
 
     def query(
         self, queries: Any, k: int = 10, exclude: Any | None = None, num_threads: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, sqdist)`` of the (approximately) k nearest vectors."""
-        query_array, single = as_queries(queries, dim=self.dim)
-        k = check_positive_int(k, "k")
-        threads = _hnsw_threads(check_num_threads(num_threads))
+        query_array, single = as_queries(queries)
+        if query_array.shape[1] != self.dim:
+            raise ValueError(f"queries must have {self.dim} columns (the index dimension), got {query_array.shape[1]}")
+        k = check_int(k, "k")
+        threads = _hnsw_threads(check_int(num_threads, "num_threads", minimum=0))
         n = len(self)
-        excluded = as_csr(exclude, "exclude", len(query_array), n) if exclude is not None else None
+        excluded = _exclusions_for(exclude, len(query_array), n)
         counts = np.diff(excluded.indptr) if excluded is not None else np.zeros(len(query_array), np.int64)
         ids = np.full((len(query_array), k), -1, dtype=np.int64)
         dist = np.full((len(query_array), k), np.inf, dtype=np.float32)
@@ -191,3 +203,72 @@ def build_index(
             index.tune(tune_queries, k=min(50, len(array)), target_recall=0.95)
         return index
     raise ValueError(f"backend must be 'exact', 'lsh', 'hnsw' or an index object, got {backend!r}")
+
+
+def _exclusions_for(exclude: Any | None, n_queries: int, n_items: int) -> sp.csr_matrix | None:
+    """``exclude`` as CSR with one row per query and at most ``n_items`` columns (checked here:
+    hnswlib is not the native core, which checks this for the other backends)."""
+    if exclude is None:
+        return None
+    matrix = as_csr(exclude, "exclude")
+    if matrix.shape[0] != n_queries:
+        raise ValueError(
+            f"exclude has {matrix.shape[0]} rows but there are {n_queries} queries; "
+            f"pass one row of excluded ids per query"
+        )
+    if matrix.shape[1] > n_items:
+        raise ValueError(
+            f"exclude has {matrix.shape[1]} columns but there are only {n_items} items; its columns must be item ids"
+        )
+    return matrix
+
+
+def exclusion_rows(
+    n_queries: int, n_items: int, liked: sp.csr_matrix | None, banned: np.ndarray | None
+) -> sp.csr_matrix | None:
+    """One row per query of the item ids to skip: its liked items plus the banned ones."""
+    parts = []
+    if liked is not None and liked.nnz:
+        parts.append(liked.astype(np.float32))
+    if banned is not None and len(banned):
+        rows = np.repeat(np.arange(n_queries), len(banned))
+        parts.append(
+            sp.csr_matrix(
+                (np.ones(len(rows), np.float32), (rows, np.tile(banned, n_queries))),
+                shape=(n_queries, n_items),
+            )
+        )
+    if not parts:
+        return None
+    total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return total.tocsr()
+
+
+def search_subset(
+    vectors: np.ndarray, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None, allowed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact nearest ``vectors`` rows among the ids ``allowed`` only (such subsets are
+    usually small, and an index over all vectors cannot serve them), skipping ``exclude``."""
+    position = np.full(vectors.shape[0], -1, dtype=np.int64)
+    position[allowed] = np.arange(len(allowed))
+    sub_exclude = None
+    if exclude is not None:
+        coo = exclude.tocoo()
+        keep = position[coo.col] >= 0
+        sub_exclude = sp.csr_matrix(
+            (coo.data[keep], (coo.row[keep], position[coo.col[keep]])), shape=(len(queries), len(allowed))
+        )
+    local, sqdist = ExactIndex(vectors[allowed]).query(queries, k, exclude=sub_exclude)
+    return np.where(local >= 0, allowed[np.maximum(local, 0)], -1), sqdist
+
+
+def neighbour_recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of the true neighbours (ids >= 0 in ``truth``, one row per query) that
+    the same row of ``found`` holds, over all queries: the recall of an approximate search."""
+    found, truth = np.atleast_2d(found), np.atleast_2d(truth)
+    wanted = truth >= 0
+    total = int(wanted.sum())
+    if total == 0:
+        return 1.0
+    hits = (truth[:, :, None] == found[:, None, :]).any(axis=2) & wanted
+    return float(hits.sum() / total)

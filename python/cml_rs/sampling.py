@@ -1,4 +1,4 @@
-"""The WARP negative sampler (SPEC section 2), produced by Rust threads.
+"""The WARP negative sampler (Hsieh et al. 2017), produced by Rust threads.
 
 Plug it into any torch loop::
 
@@ -11,18 +11,19 @@ Plug it into any torch loop::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from . import _native
-from ._checks import as_csr, check_num_threads, check_positive_int
+from ._checks import as_csr, csr_arrays
+
+__all__ = ["WarpSampler"]
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-class WarpSampler:
+class WarpSampler(_native.WarpSampler):
     """Batches of ``(users, positives, negatives)`` for CML's WARP loss.
 
     Every training pair (stored entry of ``user_items``) appears exactly once per
@@ -62,11 +63,12 @@ class WarpSampler:
     sampler is epoch k. ``set_epoch(e)`` chooses the next epoch explicitly.
     ``next_batch()`` instead serves an endless stream across epochs, for loops
     written like the reference implementation. The sampler survives ``fork``
-    (torch DataLoader workers) and may be shared between Python threads.
+    (torch DataLoader workers), may be shared between Python threads, and
+    pickles (the copy starts at the original's current epoch).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         user_items: Any,
         batch_size: int = 4096,
         n_negatives: int = 20,
@@ -74,68 +76,17 @@ class WarpSampler:
         num_threads: int = 0,
         check_negative: bool = True,
         prefetch: int = 4,
-    ) -> None:
+    ) -> WarpSampler:
         matrix = as_csr(user_items, "user_items")
-        self._matrix = matrix
-        self._options = dict(
-            batch_size=check_positive_int(batch_size, "batch_size"),
-            n_negatives=check_positive_int(n_negatives, "n_negatives"),
-            seed=check_positive_int(seed, "seed", minimum=0),
-            num_threads=check_num_threads(num_threads),
-            check_negative=bool(check_negative),
-            prefetch=check_positive_int(prefetch, "prefetch"),
+        sampler = super().__new__(
+            cls, *csr_arrays(matrix), batch_size, n_negatives, seed, num_threads, bool(check_negative), prefetch
         )
-        self._native = _native.WarpSampler(
-            np.ascontiguousarray(matrix.indptr),
-            np.ascontiguousarray(matrix.indices),
-            int(matrix.shape[1]),
-            **self._options,
-        )
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self._native.epoch_batches()
-
-    def __len__(self) -> int:
-        return int(self._native.n_batches)
-
-    def next_batch(self) -> Batch:
-        """The next batch of an endless stream that runs through epoch after epoch."""
-        return self._native.next_batch()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration (and a restarted ``next_batch`` stream) epoch ``epoch``."""
-        self._native.set_epoch(check_positive_int(epoch, "epoch", minimum=0))
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next iteration produces."""
-        return int(self._native.epoch)
-
-    @property
-    def n_users(self) -> int:
-        return int(self._native.n_users)
-
-    @property
-    def n_items(self) -> int:
-        return int(self._native.n_items)
-
-    @property
-    def n_pairs(self) -> int:
-        """Distinct training pairs, i.e. pairs per epoch."""
-        return int(self._native.n_pairs)
-
-    @property
-    def batch_size(self) -> int:
-        return int(self._native.batch_size)
-
-    @property
-    def n_negatives(self) -> int:
-        return int(self._native.n_negatives)
+        sampler._matrix = matrix
+        return sampler
 
     def __reduce__(self) -> Any:
-        # Rebuilds from the matrix and options (for spawn-based workers); the
-        # copy starts at this sampler's current epoch.
-        return (_restore, (self._matrix, self._options, self.epoch))
+        options = (self.batch_size, self.n_negatives, self.seed, self.num_threads, self.check_negative, self.prefetch)
+        return (_restore, (self._matrix, options, self.epoch))
 
     def __repr__(self) -> str:
         return (
@@ -144,7 +95,7 @@ class WarpSampler:
         )
 
 
-def _restore(matrix: Any, options: dict, epoch: int) -> WarpSampler:
-    sampler = WarpSampler(matrix, **options)
+def _restore(matrix: Any, options: tuple, epoch: int) -> WarpSampler:
+    sampler = WarpSampler(matrix, *options)
     sampler.set_epoch(epoch)
     return sampler
