@@ -1,7 +1,8 @@
 """The ``cml-rs`` command: train, evaluate, recommend, and the demo (the README's main job).
 
-Bad input (a missing file, an unknown data set, a malformed line) ends with a
-one-line message and exit status 2, never a traceback.
+Bad input (a missing file, an unknown data set, a malformed line, a value out
+of range) ends with a one-line message and exit status 2. Anything else is a
+bug of ours and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
-# The paper's Table 2 (CiteULike, r = 100), printed beside our numbers. Those
-# figures carry the paper-era loader bug (SPEC section 4), so they are a rough bar.
+from ._params import HYPERPARAMETERS
+
+# The paper's Table 2 (CiteULike, r = 100), printed beside our numbers. The
+# paper-era loader read each line's leading count of citeulike-t as an item,
+# which inflated these figures, so they are a rough bar.
 PAPER_CITEULIKE = {
     "WRMF": (0.2437, 0.3112),
     "BPR": (0.2489, 0.3296),
@@ -28,45 +32,28 @@ EXIT_BAD_INPUT = 2
 
 
 def _hyperparameter_arguments(parser: argparse.ArgumentParser) -> None:
-    from .model import CollaborativeMetricLearning
-
-    defaults = CollaborativeMetricLearning()
+    """One option per hyper-parameter that has a flag, with the package default (no model is built)."""
     group = parser.add_argument_group("model (defaults are the tuned package defaults)")
-    group.add_argument("--factors", type=int, default=defaults.factors, help="dimension r of the space")
-    group.add_argument("--margin", type=float, default=defaults.margin, help="hinge margin on squared distances")
-    group.add_argument("--negatives", type=int, default=defaults.n_negatives, help="sampled negatives U per pair")
-    group.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    group.add_argument("--optimizer", choices=("adagrad", "adam"), default=defaults.optimizer)
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="positive pairs per step")
-    group.add_argument("--epochs", type=int, default=defaults.epochs, help="upper bound on epochs")
-    group.add_argument("--lambda-c", type=float, default=defaults.lambda_c, help="covariance regulariser weight")
-    group.add_argument(
-        "--patience", type=int, default=defaults.patience, help="evaluations without gain before stopping"
-    )
-    group.add_argument("--eval-every", type=int, default=defaults.eval_every, help="epochs between validation checks")
+    for param in HYPERPARAMETERS:
+        if param.flag is None:
+            continue
+        group.add_argument(
+            param.flag,
+            dest=param.name,
+            type=param.kind,
+            default=param.default,
+            choices=param.choices,
+            metavar=None if param.choices else param.flag.lstrip("-").upper().replace("-", "_"),
+            help=f"{param.help} (default: {param.default})",
+        )
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    group.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the model and the split")
 
 
 def _model_from_args(args: argparse.Namespace) -> Any:
     from .model import CollaborativeMetricLearning
 
-    return CollaborativeMetricLearning(
-        factors=args.factors,
-        margin=args.margin,
-        n_negatives=args.negatives,
-        learning_rate=args.learning_rate,
-        optimizer=args.optimizer,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        lambda_c=args.lambda_c,
-        patience=args.patience,
-        eval_every=args.eval_every,
-        device=args.device,
-        num_threads=args.threads,
-        random_state=args.seed,
-    )
+    options = {p.name: getattr(args, p.name) for p in HYPERPARAMETERS if p.flag is not None}
+    return CollaborativeMetricLearning(**options, device=args.device)
 
 
 def _load_dataset(name: str, data_dir: str | None) -> Any:
@@ -77,7 +64,7 @@ def _load_dataset(name: str, data_dir: str | None) -> Any:
     return datasets.load(name)
 
 
-def _split(dataset: Any, args: argparse.Namespace) -> Any:
+def _split(dataset: Any, args: argparse.Namespace, seed: int) -> Any:
     from . import datasets
 
     if getattr(args, "split_file", None) and Path(args.split_file).exists():
@@ -92,7 +79,7 @@ def _split(dataset: Any, args: argparse.Namespace) -> Any:
             raise ValueError(f"{dataset.name} ships no split; use --split paper")
         split = dataset.given_split
     else:
-        split = datasets.split_paper(dataset.user_items, seed=args.seed)
+        split = datasets.split_paper(dataset.user_items, seed=seed)
     if getattr(args, "split_file", None):
         split.save(args.split_file)
     return split
@@ -133,7 +120,7 @@ def _model_and_dataset(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def command_train(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args.dataset, args.data_dir)
-    split = _split(dataset, args)
+    split = _split(dataset, args, seed=args.random_state)
     model = _model_from_args(args)
     features = dataset.item_features.get(args.features) if args.features else None
     if args.features and features is None:
@@ -143,7 +130,7 @@ def command_train(args: argparse.Namespace) -> int:
     validation = split.validation if split.validation.nnz else None
     model.fit(split.train, validation=validation, show_progress=not args.no_progress, item_features=features)
     print(f"trained in {time.perf_counter() - start:.1f}s, best epoch {model.best_epoch_}")
-    table, _ = _metrics_table(model, split, [50, 100], args.threads)
+    table, _ = _metrics_table(model, split, [50, 100], args.num_threads)
     print("test metrics:\n" + table)
     if args.out:
         model.save(args.out)
@@ -153,7 +140,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 def command_evaluate(args: argparse.Namespace) -> int:
     model, dataset = _model_and_dataset(args)
-    split = _split(dataset, args)
+    split = _split(dataset, args, seed=args.seed)
     table, results = _metrics_table(model, split, args.k, args.threads)
     if args.json:
         print(json.dumps({str(k): dict(m) for k, m in results.items()}))
@@ -164,6 +151,9 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 def command_recommend(args: argparse.Namespace) -> int:
     model, dataset = _model_and_dataset(args)
+    bad = [u for u in args.users if not 0 <= u < model.n_users]
+    if bad:
+        raise ValueError(f"--users {bad[0]} is not a user of the model: users are 0..{model.n_users - 1}")
     users = np.asarray(args.users, dtype=np.int64)
     ids, scores = model.recommend(
         users,
@@ -224,7 +214,7 @@ def command_demo(args: argparse.Namespace) -> int:
     table, results = _metrics_table(model, split, [50, 100], args.threads)
     print("\ntest metrics (all items ranked; train and validation items excluded):\n" + table)
     if dataset.name == "citeulike-t":
-        print("\npaper, Table 2 (CiteULike; its loader counted each line's length as an item, see SPEC 4):")
+        print("\npaper, Table 2 (CiteULike; its loader counted each line's length as an item, inflating recall):")
         print("| model | Recall@50 | Recall@100 |\n|---|---|---|")
         for name, (r50, r100) in PAPER_CITEULIKE.items():
             print(f"| {name} (paper) | {r50:.4f} | {r100:.4f} |")
@@ -330,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except (FileNotFoundError, ValueError, IndexError, TypeError, OSError, RuntimeError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
+        # What bad input raises: a value out of range or malformed (ValueError), a
+        # file that cannot be read (OSError), a fit that diverged (FloatingPointError).
         print(f"cml-rs: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
 """Datasets: loaders for the benchmark sets, a generic loader, a synthetic
-generator, and the paper's per-user 60/20/20 split (SPEC section 4).
+generator, and the paper's per-user 60/20/20 split (Hsieh et al. 2017).
 
 Every loader takes a path (a dataset folder, or for the generic loader a file)
 and returns a :class:`Dataset`: a CSR user x item matrix, optional item-feature
@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse as sp
+
+from ._checks import as_csr
+from ._io import load_npz, save_npz
 
 __all__ = [
     "DATASETS",
@@ -210,7 +212,8 @@ def load_citeulike(path: str | os.PathLike | None = None, min_tag_items: int = 1
     """citeulike-t (Wang et al., IJCAI 2013): 7,947 users x 25,975 articles.
 
     The count that opens each line of users.dat and tag-item.dat is dropped
-    (the paper-era loader read it as an item; SPEC section 4). Features:
+    (the paper-era loader read it as an item, which made five fake items
+    the most popular and inflated the paper's CiteULike recall). Features:
     ``tags`` (items x tags on at least ``min_tag_items`` items, binary) and
     ``words`` (bag of words from mult.dat, counts).
     """
@@ -736,13 +739,12 @@ class Split:
             "note": self.note,
             "fingerprint": self.fingerprint(),
         }
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        _atomic_savez(Path(path), arrays)
+        save_npz(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Split:
         """Reads a split written by :meth:`save`; a damaged file raises ValueError."""
-        arrays, meta = _load_checked_npz(Path(path), SPLIT_FORMAT, SPLIT_VERSION)
+        arrays, meta = load_npz(path, SPLIT_FORMAT, SPLIT_VERSION)
         shape = tuple(meta["shape"])
         parts = []
         for name in ("train", "validation", "test"):
@@ -766,15 +768,13 @@ def split_paper(
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
     min_items: int = 5,
 ) -> Split:
-    """The paper's per-user split (SPEC section 4).
+    """The paper's per-user split (Hsieh et al. 2017).
 
     Each user's items are shuffled with ``seed``; ``floor(0.2 n)`` go to
     validation, ``floor(0.2 n)`` to test, and the rest, rounding remainder
     included, to train. Users with fewer than ``min_items`` items go entirely
     to train. Deterministic for a seed; O(nnz log nnz), vectorised.
     """
-    from ._checks import as_csr
-
     matrix = as_csr(user_items, "user_items").copy()
     matrix.sum_duplicates()
     if matrix.nnz == 0:
@@ -804,52 +804,3 @@ def split_paper(
         seed=seed,
         note=f"split_paper(seed={seed}, fractions={tuple(fractions)}, min_items={min_items})",
     )
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _load_checked_npz(
-    path: Path, expected_format: str, max_version: int
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Arrays and JSON metadata of an npz file of ours, or a clear ValueError."""
-    import zipfile
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        # Open the file ourselves: np.load leaves its own handle open when the
-        # archive turns out to be damaged.
-        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{path} is not a readable cml-rs file (truncated or corrupted?): {error}") from None
-    if "meta" not in arrays:
-        raise ValueError(f"{path} has no metadata; it was not written by cml-rs")
-    try:
-        meta = json.loads(arrays.pop("meta").tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: unreadable metadata ({error}); the file is damaged") from None
-    if meta.get("format") != expected_format:
-        raise ValueError(f"{path} holds a {meta.get('format')!r} file, expected {expected_format!r}")
-    version = meta.get("version")
-    if not isinstance(version, int) or version > max_version:
-        raise ValueError(
-            f"{path} was written by format version {version}; this cml-rs reads up to {max_version} (upgrade cml-rs)"
-        )
-    return arrays, meta

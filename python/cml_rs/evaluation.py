@@ -1,4 +1,4 @@
-"""Ranking metrics with the paper's protocol (SPEC section 4).
+"""Ranking metrics with the paper's protocol (Hsieh et al. 2017).
 
 Every item is ranked for every evaluated user (exact top-K by
 :func:`cml_rs.topk_l2`, never a dense users x items array); training items, and
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import as_csr, as_vectors, check_positive_int
+from ._checks import as_csr, as_vectors, check_int
 from .kernels import topk_l2
 
 __all__ = ["RankingMetrics", "compare", "ranking_metrics_at_k"]
@@ -49,8 +49,10 @@ def _factors(model_or_factors: Any) -> tuple[np.ndarray, np.ndarray]:
         raise TypeError(
             "pass a fitted model (with user_factors / item_factors) or a (user_factors, item_factors) tuple"
         )
-    users = as_vectors(users, "user_factors")
-    return users, as_vectors(items, "item_factors", dim=users.shape[1])
+    users, items = as_vectors(users, "user_factors"), as_vectors(items, "item_factors")
+    if items.shape[1] != users.shape[1]:
+        raise ValueError(f"item_factors must have {users.shape[1]} columns (the user dimension), got {items.shape[1]}")
+    return users, items
 
 
 def ranking_metrics_at_k(
@@ -85,13 +87,13 @@ def ranking_metrics_at_k(
         A dict of means plus ``per_user`` arrays.
     """
     user_factors, item_factors = _factors(model_or_factors)
-    K = check_positive_int(K, "K")
+    K = check_int(K, "K")
     shape = (user_factors.shape[0], item_factors.shape[0])
-    train = as_csr(train, "train", *shape)
-    test = as_csr(test, "test", *shape)
+    train = _matrix_of_shape(train, "train", shape)
+    test = _matrix_of_shape(test, "test", shape)
     excluded = train
     for i, extra in enumerate([exclude] if sp.issparse(exclude) else list(exclude or [])):
-        excluded = excluded + as_csr(extra, f"exclude[{i}]", *shape)
+        excluded = excluded + _matrix_of_shape(extra, f"exclude[{i}]", shape)
     held_out_sizes = np.diff(test.indptr)
     if users is None:
         evaluated = np.flatnonzero(held_out_sizes)
@@ -117,6 +119,14 @@ def ranking_metrics_at_k(
     per_user["ndcg"] = (hits * discounts).sum(axis=1) / ideal
     per_user["map"] = (precision_at_rank * hits).sum(axis=1) / np.minimum(n_held, K)
     return RankingMetrics(K, per_user)
+
+
+def _matrix_of_shape(matrix: Any, name: str, shape: tuple[int, int]) -> sp.csr_matrix:
+    """``matrix`` as CSR, or a ValueError when it is not users x items of the factors."""
+    matrix = as_csr(matrix, name)
+    if matrix.shape != shape:
+        raise ValueError(f"{name} has shape {matrix.shape} but the factors give {shape[0]} users x {shape[1]} items")
+    return matrix
 
 
 def _hits(ids: np.ndarray, held_out: sp.csr_matrix, n_items: int) -> np.ndarray:

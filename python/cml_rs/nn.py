@@ -1,4 +1,4 @@
-"""The torch side of CML: the embedding module and the loss terms (SPEC sections 1-2).
+"""The torch side of CML: the embedding module and the loss terms (Hsieh et al. 2017).
 
 For people with their own training loop::
 
@@ -35,6 +35,7 @@ __all__ = [
     "covariance_loss",
     "feature_loss",
     "rank_weights_torch",
+    "torch_sparse",
     "warp_metric_loss",
 ]
 
@@ -166,7 +167,7 @@ def warp_metric_loss(
     hardest_only: bool = True,
     rank_weighted: bool = True,
 ) -> Tensor:
-    """CML's metric loss L_m summed over the batch (SPEC section 2).
+    """CML's metric loss L_m summed over the batch.
 
     Each pair contributes ``w * max(0, max_u (margin + d(i,j)^2 - d(i,k_u)^2))``
     with the WARP weight ``w`` (no gradient through it). With
@@ -195,8 +196,8 @@ def covariance_loss(*blocks: Tensor) -> Tensor:
     The rows are those of all ``blocks`` stacked (e.g. the user and the item
     vectors), without copying them together. C = X_c^T X_c / N with X_c
     mean-centred; penalising C_ab^2 (a != b) decorrelates the dimensions. (The
-    reference code summed the signed entries, which rewards negative
-    correlation; SPEC section 2 says why that is wrong.) The gradient is
+    authors' TensorFlow code summed the signed entries, which rewards negative
+    correlation instead of removing it.) The gradient is
     computed in closed form, ``4 / N * X_c C_off``: one Gram product forward
     and one product backward, about half of what autograd spends.
     """
@@ -242,6 +243,14 @@ class FeatureProjector(torch.nn.Module):
         else:
             hidden = self.hidden(features)
         return clip_rows(self.output(self.dropout(torch.relu(hidden))), self.max_norm)
+
+
+def torch_sparse(matrix: Any) -> Tensor:
+    """A scipy sparse matrix as a coalesced float32 torch COO tensor."""
+    coo = matrix.tocoo()
+    indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    values = torch.from_numpy(coo.data.astype(np.float32))
+    return torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=True).coalesce()
 
 
 def feature_loss(projected: Tensor, item_vectors: Tensor) -> Tensor:

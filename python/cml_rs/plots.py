@@ -1,5 +1,5 @@
 """The paper's embedding map: t-SNE of item vectors coloured by an item
-attribute (SPEC section 7), optionally beside the same map of raw features.
+attribute, as in the paper's figures, optionally beside the same map of raw features.
 
 Needs matplotlib and scikit-learn (``pip install 'cml-rs[plot]'``).
 """
