@@ -25,6 +25,7 @@ wheel=$(ls dist/cml_rs-*.whl)
 
 echo "== python: lint, stubs, tests"
 "$PYTHON" -m ruff check python tests benches
+"$PYTHON" -m ruff format --check python tests benches
 "$PYTHON" -m mypy.stubtest cml_rs._native --ignore-missing-stub
 # From tests/, so only the installed package can be imported.
 cd tests

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import tiny_data
 from conftest import data_path, random_interactions
 
 from cml_rs import datasets
@@ -36,6 +37,70 @@ def test_other_bundled_datasets_match_their_provenance():
     assert gowalla.user_items.shape == (29858, 40981)
     parts = gowalla.given_split
     assert (parts.train.nnz, parts.validation.nnz, parts.test.nnz) == (719081, 91047, 217242)
+
+
+def test_citeulike_format_on_a_tiny_copy(tmp_path):
+    data = datasets.load_citeulike(tiny_data.citeulike(tmp_path), min_tag_items=2)
+    assert data.user_items.toarray().tolist() == [[1, 0, 0, 1], [0, 1, 0, 0], [1, 0, 1, 1]]
+    # Tags on at least 2 articles: ml (0, 2, 3) and stats (0, 3); bio is dropped.
+    assert data.feature_names["tags"] == ["ml", "stats"]
+    assert data.item_features["tags"].toarray().tolist() == [[1, 1], [0, 0], [1, 0], [1, 1]]
+    words = data.item_features["words"].toarray()
+    assert words.tolist() == [[1, 0, 3], [0, 2, 0], [0, 0, 0], [4, 0, 1]]
+    assert data.feature_names["words"] == ["model", "cell", "rank"]
+    assert data.item_labels.tolist() == ["ml", "none", "ml", "ml"]
+
+
+def test_movielens_100k_format_on_a_tiny_copy(tmp_path):
+    data = datasets.load_movielens_100k(tiny_data.movielens_100k(tmp_path))
+    assert data.user_items.toarray().tolist() == [[1, 0, 0], [0, 0, 1], [1, 0, 0]]
+    assert data.feature_names["genres"] == ["unknown", "Action", "Comedy", "Drama"]
+    assert data.item_features["genres"].toarray().tolist() == [[0, 0, 1, 0], [0, 1, 0, 1], [0, 0, 0, 1]]
+    assert data.item_titles.tolist() == ["Toy Story (1995)", "Heat (1995)", "Caf\xe9 (1996)"]
+    assert data.item_labels.tolist() == ["Comedy", "Action", "Drama"]
+    assert data.user_ids.tolist() == [1, 2, 3] and data.item_ids.tolist() == [1, 2, 3]
+
+
+def test_movielens_1m_implicit_format_on_a_tiny_copy(tmp_path):
+    data = datasets.load_movielens_1m_implicit(tiny_data.movielens_1m_implicit(tmp_path))
+    split = data.given_split
+    assert split.train.toarray().tolist() == [[1, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]
+    assert split.test.toarray().tolist() == [[0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]]
+    assert split.validation.nnz == 0
+    assert (data.user_items != split.train + split.test).nnz == 0
+    assert data.item_ids.tolist() == ["10", "20", "30", "40"]
+    assert data.item_titles.tolist() == ["Alien (1979)", "Heat (1995)", "Up (2009)", ""]
+    assert data.feature_names["genres"] == ["Action", "Comedy", "Horror", "Sci-Fi"]
+    assert data.item_features["genres"].toarray().tolist() == [[0, 0, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_movielens_latest_small_format_on_a_tiny_copy(tmp_path):
+    data = datasets.load_movielens_latest_small(tiny_data.movielens_latest_small(tmp_path))
+    # Users 1, 5, 9 and movies 1, 3, 7 in file order; ratings >= 4 kept.
+    assert data.user_items.toarray().tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+    assert data.user_ids.tolist() == [1, 5, 9] and data.item_ids.tolist() == [1, 3, 7]
+    assert data.item_titles.tolist() == ["Toy Story (1995)", "Good, Bad (1966)", "Heat (1995)"]
+    assert data.feature_names["genres"] == ["Action", "Animation", "Comedy", "Crime", "Western"]
+    # Tags are lower-cased and stripped, so "Pixar" and "pixar " are one tag.
+    assert data.feature_names["tags"] == ["heist", "pixar"]
+    assert data.item_features["tags"].toarray().tolist() == [[0, 1], [0, 0], [1, 0]]
+
+
+def test_gowalla_format_on_a_tiny_copy(tmp_path):
+    data = datasets.load_gowalla(tiny_data.gowalla(tmp_path))
+    parts = data.given_split
+    assert parts.train.toarray().tolist() == [[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0]]
+    assert parts.validation.toarray().tolist() == [[0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+    assert parts.test.toarray().tolist() == [[0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]]
+    assert data.user_ids.tolist() == ["343", "5258", "77"] and data.item_ids.tolist() == ["8975", "9190", "12", "40"]
+
+
+def test_load_finds_tiny_copies_by_name_through_cml_data(tmp_path, monkeypatch):
+    for writer in (tiny_data.citeulike, tiny_data.gowalla):
+        writer(tmp_path)
+    monkeypatch.setenv("CML_DATA", str(tmp_path))
+    assert datasets.load("gowalla").n_items == 4
+    assert datasets.load(tmp_path / "citeulike-t").n_users == 3
 
 
 def test_load_by_name_and_unknown_names():
@@ -127,7 +192,7 @@ def test_split_round_trip_and_damage(tmp_path):
     truncated.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated or corrupted"):
         datasets.Split.load(truncated)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"missing\.npz"):
         datasets.Split.load(tmp_path / "missing.npz")
 
 

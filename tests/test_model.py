@@ -104,9 +104,9 @@ def test_save_load_round_trip_and_damage(fitted, tmp_path):
     flipped = bytearray(data)
     flipped[len(data) // 3] ^= 0xFF
     corrupted.write_bytes(bytes(flipped))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="corrupted|damaged"):
         CollaborativeMetricLearning.load(corrupted)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"missing\.npz"):
         CollaborativeMetricLearning.load(tmp_path / "missing.npz")
 
 
@@ -200,17 +200,31 @@ def test_cml_beats_popularity_on_synthetic_clusters():
     assert test["wilcoxon_p"] < 0.01 and test["mean_difference"] > 0
 
 
-def test_options_train(fitted):
-    matrix = checkerboard(20, 20)
-    for options in (
+@pytest.mark.parametrize(
+    "options",
+    [
         dict(optimizer="adam", learning_rate=0.01),
         dict(hardest_only=False),
         dict(rank_weighted=False),
         dict(covariance_rows="batch"),
         dict(lambda_c=0.0),
-    ):
-        model = small_model(epochs=2, **options).fit(matrix, show_progress=False)
-        assert np.isfinite(model.item_factors).all(), options
+        dict(margin=0.5),
+        dict(n_negatives=3),
+        dict(max_norm=0.5),
+    ],
+    ids=lambda options: ",".join(options),
+)
+def test_every_option_changes_the_fit(options):
+    # Fits are deterministic for a seed, so an option that was ignored would
+    # give bit-identical vectors. Batches of 32 of the 800 pairs touch only some
+    # rows, so the batch covariance differs from the one over all rows.
+    matrix = checkerboard(40, 40)
+    default = small_model(epochs=2, batch_size=32).fit(matrix, show_progress=False)
+    changed = small_model(epochs=2, batch_size=32, **options).fit(matrix, show_progress=False)
+    assert np.isfinite(changed.item_factors).all()
+    assert not np.array_equal(changed.item_factors, default.item_factors), options
+    radius = options.get("max_norm", 1.0)
+    assert np.linalg.norm(changed.user_factors, axis=1).max() <= radius * (1 + 1e-5)
 
 
 def test_cml_plus_features():
@@ -244,12 +258,27 @@ def test_fit_errors_name_the_problem(fitted):
         small_model(epochs=1).fit(rows, show_progress=False)
 
 
-def test_divergence_stops_with_a_clear_error():
+def test_divergence_rolls_back_the_epoch_and_names_the_remedy(monkeypatch):
+    # The hyper-parameter bounds keep a fit finite, so the fault is injected:
+    # the loss of the 3rd step of the 2nd epoch turns NaN.
+    from cml_rs import nn
+
     matrix = checkerboard(20, 20)
-    model = small_model(epochs=5, learning_rate=1e38, lambda_c=1e30)
-    with pytest.raises(FloatingPointError, match="Lower learning_rate"):
+    calls = []
+    original = nn.CMLEmbedding.warp_loss
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    model = small_model(epochs=5, batch_size=64)  # 200 pairs: 4 steps per epoch
+    reference = small_model(epochs=1, batch_size=64).fit(matrix, show_progress=False)
+    monkeypatch.setattr(nn.CMLEmbedding, "warp_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step 0.*Lower learning_rate"):
         model.fit(matrix, show_progress=False)
-    assert np.isfinite(model.item_factors).all()
+    # The model holds the vectors from the start of epoch 1, i.e. after epoch 0.
+    np.testing.assert_array_equal(model.item_factors, reference.item_factors)
 
 
 def test_recommend_errors(fitted):
@@ -290,10 +319,9 @@ def test_constructor_validation(options, error, message):
         CollaborativeMetricLearning(**options)
 
 
-def test_alias_and_lazy_exports():
-    assert cml_rs.CML is cml_rs.CollaborativeMetricLearning
-    assert "LshIndex" in dir(cml_rs)
-    with pytest.raises(AttributeError):
+def test_lazy_exports_resolve_and_unknown_names_fail():
+    assert cml_rs.LshIndex.__module__ == "cml_rs.lsh" and "LshIndex" in dir(cml_rs)
+    with pytest.raises(AttributeError, match="has no attribute 'not_a_thing'"):
         cml_rs.not_a_thing  # noqa: B018
 
 

@@ -53,9 +53,16 @@ def test_covariance_loss_is_the_squared_off_diagonal_and_its_gradient_is_exact()
     want = (cov**2).sum() - (torch.diagonal(cov) ** 2).sum()
     assert nn.covariance_loss(users, items).item() == pytest.approx(want.item(), rel=1e-10)
     assert torch.autograd.gradcheck(nn.covariance_loss, (users, items))
-    # Decorrelated columns cost nothing; the signed-sum bug would reward negative correlation.
+    # Uncorrelated columns cost nothing (rows of a 4 x 4 Hadamard matrix, centred,
+    # have zero off-diagonal covariance) ...
+    hadamard = torch.tensor([[1.0, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]])
+    assert nn.covariance_loss(hadamard[:, 1:]).item() == pytest.approx(0.0, abs=1e-12)
+    # ... while perfectly anti-correlated ones cost as much as correlated ones
+    # (the reference code's signed sum would have rewarded them with a negative loss).
     anti = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
-    assert nn.covariance_loss(anti).item() > 0
+    same = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    assert nn.covariance_loss(anti).item() == pytest.approx(2.0)  # C = [[1, -1], [-1, 1]]
+    assert nn.covariance_loss(same).item() == pytest.approx(2.0)
 
 
 def test_clip_keeps_rows_in_the_ball():
@@ -67,11 +74,17 @@ def test_clip_keeps_rows_in_the_ball():
 
 
 def test_feature_projector_takes_sparse_input_and_stays_in_the_ball():
-    dense = torch.rand(6, 9)
+    dense = torch.rand(6, 9, generator=torch.Generator().manual_seed(3))
     dense[dense < 0.6] = 0
     projector = nn.FeatureProjector(9, 4).eval()
     out_dense = projector(dense)
     out_sparse = projector(dense.to_sparse())
     torch.testing.assert_close(out_dense, out_sparse, rtol=1e-5, atol=1e-6)
     assert float(out_dense.detach().norm(dim=1).max()) <= 1.0 + 1e-6
-    assert nn.feature_loss(out_dense, out_dense).item() == 0.0
+
+
+def test_feature_loss_by_hand():
+    projected = torch.tensor([[0.0, 1.0], [3.0, 0.0]])
+    items = torch.tensor([[0.0, 0.0], [0.0, 4.0]])
+    # ||(0, 1)||^2 + ||(3, -4)||^2 = 1 + 25
+    assert nn.feature_loss(projected, items).item() == pytest.approx(26.0)

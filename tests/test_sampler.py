@@ -139,10 +139,10 @@ def test_duplicate_entries_count_once():
     [
         ({"batch_size": 0}, ValueError, "batch_size must be at least 1"),
         ({"n_negatives": 0}, ValueError, "n_negatives must be at least 1"),
-        ({"seed": -1}, ValueError, "seed must be at least 0"),
-        ({"num_threads": -2}, ValueError, "num_threads must be at least 0"),
+        ({"seed": -1}, ValueError, "seed must be a non-negative integer, got -1"),
+        ({"num_threads": -2}, ValueError, "num_threads must be a non-negative integer, got -2"),
         ({"batch_size": 2.5}, TypeError, "batch_size must be an integer"),
-        ({"prefetch": 0}, ValueError, "prefetch must be at least 1"),
+        ({"prefetch": 0}, ValueError, "prefetch must be between 1 and 1024 batches, got 0"),
     ],
 )
 def test_bad_arguments(interactions, kwargs, error, message):
