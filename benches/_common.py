@@ -44,17 +44,42 @@ def machine() -> str:
     return "; ".join(parts)
 
 
-def best_time(fn: Callable[[], Any], repeat: int = 3, min_time: float = 0.0) -> float:
-    """Best wall time of `repeat` calls (after one warm-up call)."""
+def best_time(fn: Callable[[], Any], repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` calls, after a pause and one warm-up call.
+
+    OpenBLAS and torch workers spin for a while after each call; on 2 cores
+    they would steal the CPU from whatever is timed next, hence the pause."""
+    time.sleep(0.5)
     fn()
-    times = []
+    best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-        if sum(times) > 60 and len(times) >= 1 and min_time == 0:
-            break
-    return min(times)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()``'s result and the seconds it took (one call, for work too long to repeat)."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def numpy_topk(queries: np.ndarray, items: np.ndarray, k: int, exclude: Any = None, block: int = 256) -> np.ndarray:
+    """The k nearest items by squared distance with numpy (matmul + argpartition), blocks of queries
+    at a time; ``exclude`` (CSR, one row per query) is skipped. The baseline of the top-K benches."""
+    norms = np.einsum("ij,ij->i", items, items)
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), block):
+        scores = norms[None, :] - 2.0 * (queries[start : start + block] @ items.T)
+        if exclude is not None:
+            rows = exclude[start : start + block].tocoo()
+            scores[rows.row, rows.col] = np.inf
+        part = np.argpartition(scores, k, axis=1)[:, :k]
+        order = np.argsort(np.take_along_axis(scores, part, axis=1), axis=1)
+        out[start : start + block] = np.take_along_axis(part, order, axis=1)
+    return out
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,38 +27,14 @@ import numpy as np
 
 import cml_rs
 from cml_rs import datasets, retrieval
+from cml_rs.retrieval import neighbour_recall
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCH_DIR, OUT_DIR, clustered_unit_ball, report, table, uniform_unit_vectors
+from _common import BENCH_DIR, OUT_DIR, clustered_unit_ball, numpy_topk, report, table, timed, uniform_unit_vectors
 
 K = 50
 LSH_PROBES = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 HNSW_EF = [50, 64, 80, 100, 150, 200, 300, 500]
-
-
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(np.intersect1d(f[f >= 0], t[t >= 0], assume_unique=True)) for f, t in zip(found, truth))
-    return hits / max(1, int((truth >= 0).sum()))
-
-
-def timed(fn) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
-def numpy_topk(queries: np.ndarray, items: np.ndarray, exclude) -> np.ndarray:
-    norms = np.einsum("ij,ij->i", items, items)
-    out = np.empty((len(queries), K), dtype=np.int64)
-    for start in range(0, len(queries), 256):
-        block = norms[None, :] - 2.0 * (queries[start : start + 256] @ items.T)
-        if exclude is not None:
-            rows = exclude[start : start + 256].tocoo()
-            block[rows.row, rows.col] = np.inf
-        part = np.argpartition(block, K, axis=1)[:, :K]
-        order = np.argsort(np.take_along_axis(block, part, axis=1), axis=1)
-        out[start : start + 256] = np.take_along_axis(part, order, axis=1)
-    return out
 
 
 def citeulike_case(threads: int) -> tuple[np.ndarray, np.ndarray, Any, str]:
@@ -87,12 +62,12 @@ def run_case(label: str, items: np.ndarray, queries: np.ndarray, exclude, thread
     (_, _), t_exact1 = timed(lambda: cml_rs.topk_l2(queries, items, K, exclude=exclude, num_threads=1))
     sub = slice(0, min(numpy_queries, len(queries)))
     sub_exclude = exclude[sub] if exclude is not None else None
-    found, t_numpy = timed(lambda: numpy_topk(queries[sub], items, sub_exclude))
+    found, t_numpy = timed(lambda: numpy_topk(queries[sub], items, K, sub_exclude))
     rows: list[dict] = [
         {
             "backend": "numpy brute force",
             "setting": "",
-            "recall": recall(found, truth[sub]),
+            "recall": neighbour_recall(found, truth[sub]),
             "qps": len(found) / t_numpy,
         },
         {
@@ -121,7 +96,7 @@ def run_case(label: str, items: np.ndarray, queries: np.ndarray, exclude, thread
             row = {
                 "backend": f"LSH L={tables} k={hashes}",
                 "setting": f"probes={probes}",
-                "recall": recall(ids, truth),
+                "recall": neighbour_recall(ids, truth),
                 "qps": len(queries) / t,
                 "build_s": t_build,
                 "memory_mb": memory,
@@ -147,7 +122,7 @@ def run_case(label: str, items: np.ndarray, queries: np.ndarray, exclude, thread
         row = {
             "backend": "HNSW M=16 efC=200",
             "setting": f"ef={ef}",
-            "recall": recall(ids, truth),
+            "recall": neighbour_recall(ids, truth),
             "qps": len(queries) / t,
             "build_s": t_build,
             "memory_mb": memory,

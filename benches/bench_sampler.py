@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,7 +19,7 @@ import cml_rs
 from cml_rs import datasets
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from _common import report, table
+from _common import report, table, timed
 
 U = 20
 BATCH = 10_000
@@ -91,9 +90,7 @@ def cml_rs_sampler(matrix: sp.csr_matrix, seed: int, threads: int, epochs: int) 
 
 
 def rate(fn) -> tuple[float, float]:
-    start = time.perf_counter()
-    pairs = fn()
-    elapsed = time.perf_counter() - start
+    pairs, elapsed = timed(fn)
     return pairs * U / elapsed, elapsed
 
 

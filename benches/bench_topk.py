@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 import cml_rs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import report, table
+from _common import best_time, numpy_topk, report, table
 
 K, DIM, BLOCK = 50, 100, 256
 
@@ -32,17 +31,6 @@ def unit_ball(n: int, seed: int) -> np.ndarray:
     return x * rng.uniform(0, 1, (n, 1)).astype(np.float32) ** (1 / DIM)
 
 
-def numpy_topk(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
-    norms = np.einsum("ij,ij->i", items, items)
-    out = np.empty((len(queries), K), dtype=np.int64)
-    for start in range(0, len(queries), BLOCK):
-        scores = norms[None, :] - 2.0 * (queries[start : start + BLOCK] @ items.T)
-        part = np.argpartition(scores, K, axis=1)[:, :K]
-        order = np.argsort(np.take_along_axis(scores, part, axis=1), axis=1)
-        out[start : start + BLOCK] = np.take_along_axis(part, order, axis=1)
-    return out
-
-
 def torch_topk(queries, items):
     import torch
 
@@ -52,19 +40,6 @@ def torch_topk(queries, items):
         scores = norms[None, :] - 2.0 * (queries[start : start + BLOCK] @ items.T)
         out.append(torch.topk(scores, K, dim=1, largest=False, sorted=True).indices)
     return torch.cat(out)
-
-
-def timed(fn, repeat: int = 3) -> float:
-    # OpenBLAS and torch workers spin for a while after each call; on 2 cores
-    # they would steal the CPU from whatever is timed next.
-    time.sleep(0.5)
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -82,22 +57,22 @@ def main() -> None:
         items = unit_ball(n_items, 2)
         q_torch, x_torch = torch.from_numpy(queries), torch.from_numpy(items)
         flops = 2.0 * len(queries) * n_items * DIM
-        t_numpy = timed(lambda i=items: numpy_topk(queries, i), repeat=1 if n_items > 100_000 else 3)
-        t_torch = timed(lambda x=x_torch, q=q_torch: torch_topk(q, x), repeat=1 if n_items > 100_000 else 3)
-        t_rust = timed(lambda i=items: cml_rs.topk_l2(queries, i, K, num_threads=args.threads))
-        t_rust1 = timed(lambda i=items: cml_rs.topk_l2(queries, i, K, num_threads=1))
+        t_numpy = best_time(lambda i=items: numpy_topk(queries, i, K), repeat=1 if n_items > 100_000 else 3)
+        t_torch = best_time(lambda x=x_torch, q=q_torch: torch_topk(q, x), repeat=1 if n_items > 100_000 else 3)
+        t_rust = best_time(lambda i=items: cml_rs.topk_l2(queries, i, K, num_threads=args.threads))
+        t_rust1 = best_time(lambda i=items: cml_rs.topk_l2(queries, i, K, num_threads=1))
         # sgemm of the same shapes, in query blocks as the baselines use it.
-        t_gemm = timed(
+        t_gemm = best_time(
             lambda i=items: [queries[s : s + BLOCK] @ i.T for s in range(0, len(queries), BLOCK)],
             repeat=1 if n_items > 100_000 else 3,
         )
         # Distance kernel alone, on a block that fits in memory.
         block_q = queries[:BLOCK]
         block_items = items[:25_975]
-        t_dist = timed(lambda q=block_q, x=block_items: cml_rs.sqdist(q, x, num_threads=args.threads), repeat=10)
-        t_gemm_block = timed(lambda q=block_q, x=block_items: q @ x.T, repeat=10)
+        t_dist = best_time(lambda q=block_q, x=block_items: cml_rs.sqdist(q, x, num_threads=args.threads), repeat=10)
+        t_gemm_block = best_time(lambda q=block_q, x=block_items: q @ x.T, repeat=10)
         dist_flops = 2.0 * BLOCK * len(block_items) * DIM
-        agree = (cml_rs.topk_l2(queries[:64], items, K)[0] == numpy_topk(queries[:64], items)).mean()
+        agree = (cml_rs.topk_l2(queries[:64], items, K)[0] == numpy_topk(queries[:64], items, K)).mean()
         faster = min(t_numpy, t_torch)
         label = f"{n_items:,} items"
         rows += [
