@@ -157,7 +157,7 @@ def command_recommend(args: argparse.Namespace) -> int:
     users = np.asarray(args.users, dtype=np.int64)
     ids, scores = model.recommend(
         users,
-        dataset.user_items,
+        dataset.user_items[users],
         N=args.n,
         filter_already_liked_items=not args.include_seen,
         backend=args.backend,
@@ -165,8 +165,6 @@ def command_recommend(args: argparse.Namespace) -> int:
     rows = []
     for user, user_ids, user_scores in zip(users, ids, scores):
         for rank, (item, score) in enumerate(zip(user_ids, user_scores), start=1):
-            if item < 0:
-                continue
             entry = {"user": int(user), "rank": rank, "item": int(item), "score": float(score)}
             if dataset.item_ids is not None:
                 entry["item_id"] = str(dataset.item_ids[item])
@@ -225,8 +223,8 @@ def command_demo(args: argparse.Namespace) -> int:
     index = LshIndex(model.factors, seed=args.seed)
     index.add_items(model.item_factors)
     choice = index.tune(model.user_factors[:: max(1, model.n_users // 500)], k=10)
-    exact_ids, _ = model.recommend(users, split.train, N=5)
-    lsh_ids, _ = model.recommend(users, split.train, N=5, backend=index)
+    exact_ids, _ = model.recommend(users, split.train[users], N=5)
+    lsh_ids, _ = model.recommend(users, split.train[users], N=5, backend=index)
     print(f"\ntop-5 recommendations (LSH tuned to {choice['n_probes']} probes, recall@10 {choice['recall']:.2f}):")
     for user, exact_row, lsh_row in zip(users, exact_ids, lsh_ids):
         held_out = set(split.test.indices[split.test.indptr[user] : split.test.indptr[user + 1]].tolist())

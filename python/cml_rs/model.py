@@ -13,7 +13,6 @@ the nearest-neighbour search :mod:`cml_rs.retrieval` and the file format
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
@@ -22,12 +21,12 @@ import scipy.sparse as sp
 import torch
 
 from . import __version__
-from ._checks import as_csr, as_ids, check_ids_below, check_int
-from ._io import load_npz, save_npz
+from ._checks import as_csr, as_ids, check_ids_below, check_int, require_csr
+from ._io import PathOrFile, load_npz, save_npz
 from ._params import HYPERPARAMETERS, check_hyperparameters
 from .nn import CMLEmbedding, FeatureProjector, torch_sparse
-from .retrieval import Backend, build_index, exclusion_rows, search_subset
-from .training import Callback, Trainer, torch_threads
+from .retrieval import Backend, build_index, top_n
+from .training import Callback, Trainer, fold_in, torch_threads
 
 __all__ = ["CML", "CollaborativeMetricLearning"]
 
@@ -63,6 +62,11 @@ class CollaborativeMetricLearning:
         Weight of the covariance regulariser (paper: 10).
     covariance_rows : {"all", "batch"}
         Take the covariance over all user and item rows (default) or only the batch's rows.
+    binary : bool
+        Treat every stored entry of ``user_items`` as a plain positive. By
+        default the values are confidence weights (play counts, ratings, BM25):
+        an epoch draws positive pairs in proportion to ``log(1 + value)``, so a
+        pair with 0 is never drawn and a binary matrix trains as before.
     rank_weighted : bool
         Multiply each pair's hinge by the WARP weight log(rank + 1).
     hardest_only : bool
@@ -72,10 +76,19 @@ class CollaborativeMetricLearning:
     lambda_f, feature_hidden, feature_dropout :
         CML+F: weight of the feature loss, hidden width and dropout of the MLP f
         (paper: 1, 256, 0.5). Used when ``fit`` gets ``item_features``.
+    fold_in_epochs : int
+        Passes over a row's interactions when it is folded in
+        (``recalculate_user``, ``recalculate_item``, ``partial_fit_users``,
+        ``partial_fit_items``): only that row is optimised.
     eval_every : int
-        Epochs between validation evaluations (with ``fit(validation=...)``).
+        Epochs between checks for early stopping.
     patience : int
-        Evaluations without improvement before training stops.
+        Checks without progress before training stops: with validation data,
+        no better validation recall; without, a training loss that did not fall
+        by ``tolerance``.
+    tolerance : float
+        Without validation data, the relative fall of the epoch's training loss
+        (against its best so far) that counts as progress.
     eval_k : int
         Recall cut-off used for model selection.
     eval_users : int
@@ -112,14 +125,17 @@ class CollaborativeMetricLearning:
         epochs: int = 200,
         lambda_c: float = 10.0,
         covariance_rows: str = "all",
+        binary: bool = False,
         rank_weighted: bool = True,
         hardest_only: bool = True,
         max_norm: float = 1.0,
         lambda_f: float = 1.0,
         feature_hidden: int = 256,
         feature_dropout: float = 0.5,
+        fold_in_epochs: int = 20,
         eval_every: int = 2,
         patience: int = 5,
+        tolerance: float = 0.01,
         eval_k: int = 50,
         eval_users: int = 0,
         device: str | torch.device = "cpu",
@@ -202,11 +218,14 @@ class CollaborativeMetricLearning:
         callback : callable, optional
             ``callback(epoch, elapsed_seconds, loss, metrics)`` after each epoch;
             returning ``False`` stops training. ``metrics`` holds the validation
-            metrics of that epoch, if any.
+            metrics of that epoch, if any. A callback that takes fewer arguments
+            (implicit's ``callback(iteration, elapsed, loss)``) gets the first ones.
         validation : scipy.sparse matrix (n_users, n_items), optional
             Held-out interactions: every ``eval_every`` epochs, recall@``eval_k``
             on a fixed sample of users picks the best weights, and training stops
-            after ``patience`` evaluations without improvement.
+            after ``patience`` evaluations without improvement. Without it,
+            training stops once the training loss stops falling (see ``tolerance``);
+            the progress bar says which rule applies.
         item_features : scipy.sparse matrix (n_items, n_features), optional
             Item side information for CML+F.
 
@@ -230,6 +249,11 @@ class CollaborativeMetricLearning:
             raise ValueError(_shape_hint("user_items", train.shape, (self.n_users, self.n_items)))
         if not np.all(np.isfinite(train.data)):
             raise ValueError("user_items holds NaN or infinite values")
+        if train.nnz and train.data.min() < 0:
+            raise ValueError(
+                f"user_items holds negative values (as low as {train.data.min()}); implicit feedback and "
+                f"confidence weights are >= 0 (drop or zero the negative entries)"
+            )
         n_users, n_items = train.shape
         empty_users = int(np.sum(np.diff(train.indptr) == 0))
         if empty_users:
@@ -290,20 +314,28 @@ class CollaborativeMetricLearning:
             self._indexes[key] = build_index(backend, vectors, seed=self.random_state, tune_queries=sample)
         return self._indexes[key]
 
-    def _search(
+    def _top_n(
         self,
         queries: np.ndarray,
         N: int,
-        exclude: sp.csr_matrix | None,
+        liked: sp.csr_matrix | None,
+        banned: np.ndarray | None,
         allowed: np.ndarray | None,
         backend: Backend,
         kind: str,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest item (or user) vectors to ``queries``, skipping ``exclude``;
-        with ``allowed``, exactly among those ids only."""
-        if allowed is None:
-            return self._index(backend, kind).query(queries, N, exclude=exclude)
-        return search_subset(self._vectors(kind), queries, N, exclude, allowed)
+        """Nearest item (or user) vectors to ``queries`` as the public API returns them: int32 ids."""
+        ids, scores = top_n(
+            self._index(backend, kind),
+            self._vectors(kind),
+            queries,
+            N,
+            liked=liked,
+            banned=banned,
+            allowed=allowed,
+            num_threads=self.num_threads,
+        )
+        return ids.astype(np.int32), scores
 
     def recommend(
         self,
@@ -312,87 +344,195 @@ class CollaborativeMetricLearning:
         N: int = 10,
         filter_already_liked_items: bool = True,
         filter_items: Any | None = None,
+        recalculate_user: bool = False,
         items: Any | None = None,
         backend: Backend = "exact",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``N`` items for one user or an array of users.
+        """The ``N`` items nearest to one user or to each of an array of users (implicit's API).
 
         Parameters
         ----------
         userid : int or array of int
-        user_items : scipy.sparse matrix
-            The users' interactions: one row per entry of ``userid`` (as in
-            implicit), or the full (n_users, n_items) matrix.
+        user_items : scipy.sparse.csr_matrix
+            One row per entry of ``userid``: the users' interactions, e.g.
+            ``train[userid]``. Needed to filter liked items and to recalculate.
         N : int
+            Items per user.
         filter_already_liked_items : bool
-            Leave out the items in the users' rows of ``user_items``.
+            Rank the users' liked items last instead of among the others.
         filter_items : array of int, optional
             Item ids never to recommend.
+        recalculate_user : bool
+            Compute the users' vectors from ``user_items`` (fold-in, the
+            rest of the model frozen) instead of using the stored ones; the
+            model is not changed. Works for users the model has never seen.
         items : array of int, optional
-            Recommend only among these item ids.
+            Rank only these item ids (not together with ``filter_items``).
         backend : "exact", "lsh", "hnsw", or an index object
             How nearest items are found (see :mod:`cml_rs.retrieval`).
 
         Returns
         -------
-        ids : int64 ndarray, (N,) for one user or (len(userid), N)
-        scores : float32 ndarray, negative squared distances (-inf where padded with id -1)
+        ids : int32 ndarray, (n,) for one user or (len(userid), n)
+        scores : float32 ndarray, minus the squared distance (always <= 0), best first
+
+        Notes
+        -----
+        ``n = min(N, number of candidates)``, the candidates being ``items`` (or
+        every item) minus ``filter_items``: no row is ever padded. A user's
+        liked items come after every other candidate, nearest first, with the
+        lowest float32 score (as implicit ranks them), and only when fewer
+        than ``n`` other candidates remain.
         """
         self._require_fitted()
-        users, single = _ids(userid, self.n_users, "userid")
+        users, single = as_ids(userid, "userid")
+        if not recalculate_user:
+            check_ids_below(users, self.n_users, "userid")
         N = check_int(N, "N")
-        liked = None
-        if filter_already_liked_items:
-            rows = as_csr(user_items, "user_items")
-            if rows.shape[1] != self.n_items:
-                raise ValueError(_shape_hint("user_items", rows.shape, (len(users), self.n_items)))
-            if rows.shape[0] == len(users):
-                liked = rows
-            elif rows.shape[0] == self.n_users:
-                liked = rows[users]
-            else:
-                raise ValueError(
-                    f"user_items must hold one row per requested user ({len(users)}) or all {self.n_users} users, "
-                    f"got {rows.shape[0]} rows"
-                )
+        rows = None
+        if filter_already_liked_items or recalculate_user:
+            rows = self._rows_of("user_items", user_items, len(users), self.n_items, "userid", "user_items[userid]")
+        if items is not None and filter_items is not None:
+            raise ValueError("pass either items (rank only these) or filter_items (never recommend these), not both")
         banned = _ids(filter_items, self.n_items, "filter_items")[0] if filter_items is not None else None
         allowed = _ids(items, self.n_items, "items")[0] if items is not None else None
-        exclude = exclusion_rows(len(users), self.n_items, liked, banned)
-        ids, sqdist = self._search(self._vectors("users")[users], N, exclude, allowed, backend, "items")
-        return (ids[0], -sqdist[0]) if single else (ids, -sqdist)
+        if recalculate_user:
+            queries = self._fold_in(rows, "users")
+        else:
+            queries = self._vectors("users")[users]
+        liked = rows if filter_already_liked_items else None
+        ids, scores = self._top_n(queries, N, liked, banned, allowed, backend, "items")
+        return (ids[0], scores[0]) if single else (ids, scores)
 
     def similar_items(
         self,
         itemid: int | Any,
         N: int = 10,
+        recalculate_item: bool = False,
+        item_users: Any | None = None,
         filter_items: Any | None = None,
         items: Any | None = None,
         backend: Backend = "exact",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Items nearest to the given item(s) (the item itself first), scores = -squared distance."""
+        """The ``N`` items nearest to each given item, the item itself first (implicit's API).
+
+        With ``recalculate_item``, the items' vectors are computed from
+        ``item_users`` (one row of users per item) with the rest of the model
+        frozen. ``filter_items`` / ``items`` exclude or restrict the results as
+        in :meth:`recommend`; scores are minus squared distances (<= 0).
+        """
         self._require_fitted()
-        ids, single = _ids(itemid, self.n_items, "itemid")
+        ids, single = as_ids(itemid, "itemid")
+        N = check_int(N, "N")
+        if items is not None and filter_items is not None:
+            raise ValueError("pass either items (rank only these) or filter_items (never return these), not both")
+        if recalculate_item:
+            rows = self._rows_of("item_users", item_users, len(ids), self.n_users, "itemid", "item_users[itemid]")
+            queries = self._fold_in(rows, "items")
+        else:
+            queries = self._vectors("items")[check_ids_below(ids, self.n_items, "itemid")]
         banned = _ids(filter_items, self.n_items, "filter_items")[0] if filter_items is not None else None
         allowed = _ids(items, self.n_items, "items")[0] if items is not None else None
-        exclude = exclusion_rows(len(ids), self.n_items, None, banned)
-        found, sqdist = self._search(self._vectors("items")[ids], check_int(N, "N"), exclude, allowed, backend, "items")
-        return (found[0], -sqdist[0]) if single else (found, -sqdist)
+        found, scores = self._top_n(queries, N, None, banned, allowed, backend, "items")
+        if not recalculate_item:
+            _self_first(found, scores, ids, banned, allowed)
+        return (found[0], scores[0]) if single else (found, scores)
 
     def similar_users(
-        self, userid: int | Any, N: int = 10, backend: Backend = "exact"
+        self,
+        userid: int | Any,
+        N: int = 10,
+        filter_users: Any | None = None,
+        users: Any | None = None,
+        backend: Backend = "exact",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Users nearest to the given user(s) (the user itself first), scores = -squared distance."""
+        """The ``N`` users nearest to each given user, the user itself first (implicit's API).
+
+        ``filter_users`` are never returned; with ``users``, only those are
+        ranked. Scores are minus squared distances (<= 0).
+        """
         self._require_fitted()
         ids, single = _ids(userid, self.n_users, "userid")
-        found, sqdist = self._search(self._vectors("users")[ids], check_int(N, "N"), None, None, backend, "users")
-        return (found[0], -sqdist[0]) if single else (found, -sqdist)
+        N = check_int(N, "N")
+        if users is not None and filter_users is not None:
+            raise ValueError("pass either users (rank only these) or filter_users (never return these), not both")
+        banned = _ids(filter_users, self.n_users, "filter_users")[0] if filter_users is not None else None
+        allowed = _ids(users, self.n_users, "users")[0] if users is not None else None
+        found, scores = self._top_n(self._vectors("users")[ids], N, None, banned, allowed, backend, "users")
+        _self_first(found, scores, ids, banned, allowed)
+        return (found[0], scores[0]) if single else (found, scores)
+
+    def _rows_of(self, name: str, matrix: Any, n_rows: int, n_cols: int, ids_name: str, example: str) -> sp.csr_matrix:
+        """``matrix`` when it is CSR with one row per requested id and ``n_cols`` columns."""
+        rows = require_csr(matrix, name)
+        if rows.shape[0] != n_rows:
+            raise ValueError(
+                f"{name} must hold one row per entry of {ids_name} ({n_rows}), got {rows.shape[0]} rows; pass {example}"
+            )
+        if rows.shape[1] != n_cols:
+            raise ValueError(f"{name} must have {n_cols} columns (the model's), got shape {rows.shape}")
+        if rows.nnz and not np.all(np.isfinite(rows.data)):
+            raise ValueError(f"{name} holds NaN or infinite values")
+        return rows
+
+    def _fold_in(self, rows: sp.csr_matrix, side: str) -> np.ndarray:
+        """Vectors learned for ``rows`` with the model frozen (see :func:`cml_rs.training.fold_in`)."""
+        with torch_threads(self.num_threads):
+            return fold_in(self, rows, side).cpu().numpy()
+
+    # ------------------------------------------------------------------ fold-in
+
+    def partial_fit_users(self, userids: Any, user_items: Any) -> None:
+        """Learns the vectors of ``userids`` from ``user_items`` (one row per id), everything else frozen.
+
+        Ids of known users replace their vectors; ids ``n_users, n_users + 1, ...``
+        add users (implicit's semantics), and must follow on from the current
+        users without gaps. Costs seconds, not a refit: only these rows are optimised.
+        """
+        self._partial_fit(userids, user_items, "users")
+
+    def partial_fit_items(self, itemids: Any, item_users: Any) -> None:
+        """Learns the vectors of ``itemids`` from ``item_users`` (one row of users per id), everything
+        else frozen; new ids ``n_items, n_items + 1, ...`` add items (see :meth:`partial_fit_users`)."""
+        self._partial_fit(itemids, item_users, "items")
+
+    def _partial_fit(self, ids: Any, interactions: Any, side: str) -> None:
+        embedding = self._require_fitted()
+        name, other = ("userids", "user_items") if side == "users" else ("itemids", "item_users")
+        ids, _ = as_ids(ids, name)
+        size = self.n_users if side == "users" else self.n_items
+        n_cols = self.n_items if side == "users" else self.n_users
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError(f"{name} holds an id more than once")
+        if ids.size and ids.min() < 0:
+            raise IndexError(f"{name} {ids.min()} is negative; ids are 0, 1, 2, ...")
+        new = np.sort(ids[ids >= size])
+        if len(new) and not np.array_equal(new, np.arange(size, size + len(new))):
+            missing = np.setdiff1d(np.arange(size, new.max() + 1), new)[0]
+            raise IndexError(
+                f"{name} skips ahead: the model has {size} {side}, so new ids must be {size}, {size + 1}, ... "
+                f"without gaps, but {missing} is missing"
+            )
+        rows = self._rows_of(other, interactions, len(ids), n_cols, name, f"{other}[{name}]")
+        vectors = torch.from_numpy(self._fold_in(rows, side)).to(self.device)
+        table = embedding.users if side == "users" else embedding.items
+        with torch.no_grad():
+            grown = torch.cat([table.detach(), table.new_zeros((len(new), table.shape[1]))])
+            grown[torch.from_numpy(ids).to(self.device)] = vectors
+        if side == "users":
+            embedding.users = torch.nn.Parameter(grown)
+        else:
+            embedding.items = torch.nn.Parameter(grown)
+        self._indexes.clear()
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the model to ``path`` (a versioned .npz, no pickle), atomically."""
-        embedding = self._require_fitted()
-        arrays = {"user_factors": self.user_factors, "item_factors": self.item_factors}
+    def save(self, file: PathOrFile) -> None:
+        """Writes the model (a versioned .npz, no pickle) to a path, atomically, or to an open
+        binary file. A path without suffix gets ``.npz``; an unfitted model saves its settings."""
+        arrays: dict[str, np.ndarray] = {}
+        if self.fitted:
+            arrays = {"user_factors": self.user_factors, "item_factors": self.item_factors}
         if self.projector_ is not None:
             for name, tensor in self.projector_.state_dict().items():
                 arrays[f"projector.{name}"] = tensor.detach().cpu().numpy()
@@ -401,27 +541,37 @@ class CollaborativeMetricLearning:
             "version": MODEL_VERSION,
             "cml_rs": __version__,
             "hyperparameters": self.hyperparameters(),
-            "n_users": int(embedding.users.shape[0]),
-            "n_items": int(embedding.items.shape[0]),
+            "fitted": self.fitted,
+            "n_users": self.n_users if self.fitted else None,
+            "n_items": self.n_items if self.fitted else None,
             "n_features": None if self.projector_ is None else int(self.projector_.hidden.in_features),
             "best_epoch": self.best_epoch_,
             "history": self.history_,
         }
-        save_npz(path, arrays, meta)
+        save_npz(file, arrays, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> CollaborativeMetricLearning:
-        """Reads a model written by :meth:`save`. A truncated, corrupted or
-        newer-version file raises ValueError naming the problem."""
-        arrays, meta = load_npz(path, MODEL_FORMAT, MODEL_VERSION)
+    def load(cls, file: PathOrFile, device: str | torch.device = "cpu") -> CollaborativeMetricLearning:
+        """Reads a model written by :meth:`save` from a path (``.npz`` is added when the
+        name has none and the file without it does not exist) or an open binary file.
+        A truncated, corrupted or newer-version file raises ValueError naming the problem."""
+        arrays, meta = load_npz(file, MODEL_FORMAT, MODEL_VERSION)
+        source = getattr(file, "name", file)
         try:
             params = dict(meta["hyperparameters"])
             params["device"] = device
             model = cls(**params)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: missing or invalid hyper-parameters ({error}); the file is damaged") from None
+        model.history_ = list(meta.get("history") or [])
+        model.best_epoch_ = meta.get("best_epoch")
+        if not meta.get("fitted", True):
+            return model
+        try:
             users, items = arrays["user_factors"], arrays["item_factors"]
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"{path}: missing or invalid field {error}; the file is damaged") from None
-        expected = (int(meta["n_users"]), model.factors), (int(meta["n_items"]), model.factors)
+            expected = (int(meta["n_users"]), model.factors), (int(meta["n_items"]), model.factors)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: missing or invalid field {error}; the file is damaged") from None
         if (
             users.shape != expected[0]
             or items.shape != expected[1]
@@ -429,10 +579,10 @@ class CollaborativeMetricLearning:
             or items.dtype != np.float32
         ):
             raise ValueError(
-                f"{path}: factor arrays {users.shape}/{items.shape} do not match the metadata; the file is damaged"
+                f"{source}: factor arrays {users.shape}/{items.shape} do not match the metadata; the file is damaged"
             )
         if not (np.all(np.isfinite(users)) and np.all(np.isfinite(items))):
-            raise ValueError(f"{path}: the stored vectors contain NaN or inf; the file is damaged")
+            raise ValueError(f"{source}: the stored vectors contain NaN or inf; the file is damaged")
         embedding = CMLEmbedding(1, 1, model.factors, model.max_norm)
         embedding.users = torch.nn.Parameter(torch.from_numpy(users.copy()))
         embedding.items = torch.nn.Parameter(torch.from_numpy(items.copy()))
@@ -453,10 +603,8 @@ class CollaborativeMetricLearning:
             try:
                 projector.load_state_dict(state)
             except RuntimeError as error:
-                raise ValueError(f"{path}: the feature network does not fit its metadata ({error})") from None
+                raise ValueError(f"{source}: the feature network does not fit its metadata ({error})") from None
             model.projector_ = projector.to(model.device)
-        model.history_ = list(meta.get("history") or [])
-        model.best_epoch_ = meta.get("best_epoch")
         return model
 
 
@@ -475,6 +623,20 @@ def _shape_hint(name: str, got: tuple[int, int], expected: tuple[int, int]) -> s
     else:
         message += f"; the number of users differs (dimension 0: {got[0]} vs {expected[0]})"
     return message
+
+
+def _self_first(
+    found: np.ndarray, scores: np.ndarray, ids: np.ndarray, banned: np.ndarray | None, allowed: np.ndarray | None
+) -> None:
+    """Puts each query's own id first in its row (in place), as similar_* promise: another
+    vector at distance 0 may tie with it, and an approximate index may miss it."""
+    for row, own in enumerate(ids):
+        if (banned is not None and own in banned) or (allowed is not None and own not in allowed) or not found.shape[1]:
+            continue
+        at = np.flatnonzero(found[row] == own)
+        keep = np.delete(np.arange(found.shape[1]), at[0] if len(at) else found.shape[1] - 1)
+        found[row] = np.concatenate([[own], found[row, keep]])
+        scores[row] = np.concatenate([[0.0], scores[row, keep]])
 
 
 def _ids(values: Any, limit: int, name: str) -> tuple[np.ndarray, bool]:

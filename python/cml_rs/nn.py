@@ -253,6 +253,13 @@ def torch_sparse(matrix: Any) -> Tensor:
     return torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=True).coalesce()
 
 
+def torch_sparse_rows(matrix: Any, device: torch.device | str = "cpu") -> Tensor:
+    """The pattern of a scipy sparse matrix (1 per stored entry) as a torch COO tensor on ``device``."""
+    pattern = matrix.tocsr(copy=True)
+    pattern.data = np.ones(len(pattern.data), dtype=np.float32)
+    return torch_sparse(pattern).to(device)
+
+
 def feature_loss(projected: Tensor, item_vectors: Tensor) -> Tensor:
     """L_f = sum_j ||f(x_j) - v_j||^2."""
     return (projected - item_vectors).pow(2).sum()

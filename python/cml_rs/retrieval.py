@@ -33,6 +33,7 @@ __all__ = [
     "exclusion_rows",
     "neighbour_recall",
     "search_subset",
+    "top_n",
 ]
 
 
@@ -223,13 +224,17 @@ def _exclusions_for(exclude: Any | None, n_queries: int, n_items: int) -> sp.csr
     return matrix
 
 
+#: The score of a liked item that fills the tail of a recommendation list (as in implicit).
+TAIL_SCORE = -np.finfo(np.float32).max
+
+
 def exclusion_rows(
     n_queries: int, n_items: int, liked: sp.csr_matrix | None, banned: np.ndarray | None
 ) -> sp.csr_matrix | None:
     """One row per query of the item ids to skip: its liked items plus the banned ones."""
     parts = []
     if liked is not None and liked.nnz:
-        parts.append(liked.astype(np.float32))
+        parts.append(sp.csr_matrix(liked, dtype=np.float32))
     if banned is not None and len(banned):
         rows = np.repeat(np.arange(n_queries), len(banned))
         parts.append(
@@ -260,6 +265,77 @@ def search_subset(
         )
     local, sqdist = ExactIndex(vectors[allowed]).query(queries, k, exclude=sub_exclude)
     return np.where(local >= 0, allowed[np.maximum(local, 0)], -1), sqdist
+
+
+def top_n(
+    index: NearestNeighbourIndex,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    n: int,
+    liked: sp.csr_matrix | None = None,
+    banned: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
+    num_threads: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model-level top-N: ``(ids, scores)``, one row per query, never padded.
+
+    Candidates are ``allowed`` (default: every row of ``vectors``) minus
+    ``banned``; each row has ``min(n, number of candidates)`` entries. The
+    query's nearest candidates that it has not ``liked`` come first, scored by
+    minus their squared distance; when fewer than that remain, the row is
+    completed with its liked candidates, nearest first, scored ``TAIL_SCORE``
+    (so scores never increase along a row). ``index`` serves searches over all
+    vectors; where an approximate index comes back short, the row is searched
+    again exactly.
+    """
+    n_vectors = vectors.shape[0]
+    candidates = np.unique(allowed) if allowed is not None else None
+    banned = np.unique(banned) if banned is not None else np.zeros(0, np.int64)
+    if candidates is not None:
+        banned = np.intersect1d(banned, candidates)
+    width = min(n, (n_vectors if candidates is None else len(candidates)) - len(banned))
+    if width <= 0:
+        return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+    exclude = exclusion_rows(len(queries), n_vectors, liked, banned)
+
+    def search(rows: np.ndarray | slice, searcher: Any) -> tuple[np.ndarray, np.ndarray]:
+        row_exclude = exclude[rows] if exclude is not None else None
+        if candidates is not None:
+            return search_subset(vectors, queries[rows], width, row_exclude, candidates)
+        return searcher.query(queries[rows], width, exclude=row_exclude, num_threads=num_threads)
+
+    ids, sqdist = search(slice(None), index)
+    short = np.flatnonzero((ids < 0).any(axis=1))
+    if len(short) and candidates is None and not isinstance(index, ExactIndex):
+        ids[short], sqdist[short] = search(short, ExactIndex(vectors))
+        short = np.flatnonzero((ids < 0).any(axis=1))
+    scores = -sqdist
+    if len(short) and liked is not None:
+        _fill_with_liked(ids, scores, short, vectors, queries, liked, banned, candidates)
+    return ids, scores
+
+
+def _fill_with_liked(
+    ids: np.ndarray,
+    scores: np.ndarray,
+    rows: np.ndarray,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    liked: sp.csr_matrix,
+    banned: np.ndarray,
+    candidates: np.ndarray | None,
+) -> None:
+    """Completes short ``rows`` in place with each query's liked candidates, nearest first."""
+    for row in rows:
+        own = liked.indices[liked.indptr[row] : liked.indptr[row + 1]]
+        if candidates is not None:
+            own = np.intersect1d(own, candidates)
+        own = np.setdiff1d(own, banned)
+        free = np.flatnonzero(ids[row] < 0)
+        distances = ((vectors[own] - queries[row]) ** 2).sum(axis=1)
+        nearest = own[np.lexsort((own, distances))][: len(free)]
+        ids[row, free[: len(nearest)]] = nearest
+        scores[row, free[: len(nearest)]] = TAIL_SCORE
 
 
 def neighbour_recall(found: np.ndarray, truth: np.ndarray) -> float:

@@ -50,6 +50,11 @@ class WarpSampler(_native.WarpSampler):
         Never draw one of the user's positives as a negative.
     prefetch : int
         Batches prepared ahead of the consumer.
+    weighted : bool
+        Use the matrix's values as confidence: an epoch then draws as many
+        pairs as there are, each in proportion to ``log(1 + value)`` (a pair
+        with value 0 is never drawn; equal values give the plain epoch).
+        Values must be finite and non-negative.
 
     Raises
     ------
@@ -76,17 +81,19 @@ class WarpSampler(_native.WarpSampler):
         num_threads: int = 0,
         check_negative: bool = True,
         prefetch: int = 4,
+        weighted: bool = False,
     ) -> WarpSampler:
         matrix = as_csr(user_items, "user_items")
+        values = np.ascontiguousarray(matrix.data, dtype=np.float32) if weighted else None
         sampler = super().__new__(
-            cls, *csr_arrays(matrix), batch_size, n_negatives, seed, num_threads, bool(check_negative), prefetch
+            cls, *csr_arrays(matrix), batch_size, n_negatives, seed, num_threads, bool(check_negative), prefetch, values
         )
-        sampler._matrix = matrix
+        sampler._matrix, sampler._values_given = matrix, bool(weighted)
         return sampler
 
     def __reduce__(self) -> Any:
         options = (self.batch_size, self.n_negatives, self.seed, self.num_threads, self.check_negative, self.prefetch)
-        return (_restore, (self._matrix, options, self.epoch))
+        return (_restore, (self._matrix, (*options, self._values_given), self.epoch))
 
     def __repr__(self) -> str:
         return (

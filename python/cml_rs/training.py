@@ -14,6 +14,7 @@ model back to the start of its epoch and raises ``FloatingPointError``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from collections.abc import Iterator
@@ -24,13 +25,13 @@ import scipy.sparse as sp
 import torch
 
 from .evaluation import ranking_metrics_at_k
-from .nn import CMLEmbedding, covariance_loss, feature_loss
+from .nn import CMLEmbedding, clip_rows, covariance_loss, feature_loss, torch_sparse_rows, warp_metric_loss
 from .sampling import WarpSampler
 
 if TYPE_CHECKING:
     from .model import CollaborativeMetricLearning
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "fold_in"]
 
 Callback = Callable[[int, float, float, dict], Any]
 Snapshot = list[dict[str, torch.Tensor]]
@@ -58,9 +59,11 @@ class Trainer:
             n_negatives=model.n_negatives,
             seed=model.random_state,
             num_threads=model.num_threads,
+            weighted=not model.binary,
         )
         self.eval_users = _evaluation_users(validation, model.eval_users, model.random_state)
         self.best_recall = -1.0
+        self.best_loss = float("inf")
         self.best_state: Snapshot | None = None
         self.stale = 0
         self.latest_recall: float | None = None
@@ -135,20 +138,43 @@ class Trainer:
             self.stale += 1
         return metrics
 
+    def loss_plateaued(self, epoch_loss: float) -> bool:
+        """Without validation data: whether the training loss has failed to fall by
+        ``tolerance`` (relative) below its best for ``patience`` checks in a row."""
+        model = self.model
+        if epoch_loss < self.best_loss * (1.0 - model.tolerance):
+            self.best_loss, self.stale = epoch_loss, 0
+        else:
+            self.stale += 1
+        return self.stale >= model.patience
+
     def run(self, show_progress: bool, callback: Callback | None) -> None:
-        """Epochs until ``epochs``, early stopping or the callback says stop; keeps the best state."""
+        """Epochs until ``epochs``, early stopping or the callback says stop; keeps the best state.
+
+        Every ``eval_every`` epochs: with validation data, recall@``eval_k`` is
+        measured and the best weights kept; without, the training loss is
+        compared with its best (:meth:`loss_plateaued`). Either way training
+        stops after ``patience`` checks without progress.
+        """
         from tqdm.auto import tqdm
 
         model = self.model
         model.history_, model.best_epoch_ = [], None
+        report = _callback_caller(callback)
+        if self.validation is not None:
+            rule = f"stops when validation recall@{model.eval_k} stalls"
+        else:
+            rule = f"no validation: stops when the loss falls < {model.tolerance:.1%} in {model.patience} checks"
         start = time.perf_counter()
-        bar = tqdm(total=model.epochs, disable=not show_progress, unit="epoch", desc="CML")
+        bar = tqdm(total=model.epochs, disable=not show_progress, unit="epoch", desc=f"CML ({rule})")
         try:
             for epoch in range(model.epochs):
                 epoch_loss = self.run_epoch(epoch)
                 metrics: dict[str, float] = {}
-                if self.validation is not None and ((epoch + 1) % model.eval_every == 0 or epoch + 1 == model.epochs):
+                check = (epoch + 1) % model.eval_every == 0 or epoch + 1 == model.epochs
+                if self.validation is not None and check:
                     metrics = self.evaluate(epoch)
+                plateaued = self.validation is None and check and self.loss_plateaued(epoch_loss)
                 elapsed = time.perf_counter() - start
                 model.history_.append({"epoch": epoch, "loss": epoch_loss, "elapsed": elapsed, **metrics})
                 postfix = {"loss": f"{epoch_loss:.4g}"}
@@ -157,14 +183,36 @@ class Trainer:
                     postfix["best"] = f"{self.best_recall:.4f}"
                 bar.set_postfix(postfix)
                 bar.update(1)
-                if callback is not None and callback(epoch, elapsed, epoch_loss, metrics) is False:
+                if report(epoch, elapsed, epoch_loss, metrics) is False:
                     break
-                if self.validation is not None and self.stale >= model.patience:
+                if plateaued or (self.validation is not None and self.stale >= model.patience):
                     break
         finally:
             bar.close()
         if self.best_state is not None:
             restore(model, self.best_state)
+
+
+def _callback_caller(callback: Callback | None) -> Callable[[int, float, float, dict], Any]:
+    """Calls ``callback`` with as many of ``(epoch, elapsed, loss, metrics)`` as it takes:
+    implicit's callbacks take ``(iteration, elapsed)`` or ``(iteration, elapsed, loss)``."""
+    if callback is None:
+        return lambda *_: None
+    try:
+        parameters = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: give it everything
+        return callback
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return callback
+    positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+    if positional >= 4:
+        return callback
+    if positional < 2:
+        raise TypeError(
+            f"callback must take (epoch, elapsed_seconds[, loss[, metrics]]), but {callback!r} takes {positional} "
+            f"positional argument(s)"
+        )
+    return lambda *values: callback(*values[:positional])
 
 
 def _optimizer(model: CollaborativeMetricLearning) -> torch.optim.Optimizer:
@@ -224,3 +272,59 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def fold_in(
+    model: CollaborativeMetricLearning, interactions: sp.csr_matrix, side: str, epochs: int | None = None
+) -> torch.Tensor:
+    """Vectors for new or changed rows, learned with every other vector frozen.
+
+    ``interactions`` has one row per vector to learn; its columns are the
+    other side's ids (items when ``side`` is "users", users when "items").
+    Each row starts at the centroid of the vectors it interacted with (a user
+    sits near its items) and is refined by the model's metric loss against
+    negatives drawn from the other side: ``epochs`` passes (default
+    ``fold_in_epochs``) of AdaGrad over its interactions, then clipped to the
+    ball. Rows without interactions stay at the centroid of the other side.
+    The covariance term is left out: a few rows barely move it.
+    """
+    epochs = model.fold_in_epochs if epochs is None else epochs
+    others = (model.embedding_.items if side == "users" else model.embedding_.users).detach()
+    n_rows = interactions.shape[0]
+    counts = torch.from_numpy(np.diff(interactions.indptr).astype(np.float32)).to(others.device)
+    sums = torch_sparse_rows(interactions, others.device) @ others
+    fallback = others.mean(dim=0, keepdim=True).expand(n_rows, -1)
+    start = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], fallback)
+    vectors = torch.nn.Parameter(clip_rows(start.clone(), model.max_norm))
+    if interactions.nnz == 0 or epochs == 0:
+        return vectors.detach()
+    # A row that holds every column has no negative: its centroid is all there is to learn.
+    full = np.diff(interactions.indptr) >= interactions.shape[1]
+    train = interactions.copy()
+    if full.any():
+        train = sp.diags((~full).astype(np.float32)) @ train
+        train.eliminate_zeros()
+        if train.nnz == 0:
+            return vectors.detach()
+    sampler = WarpSampler(
+        train,
+        batch_size=model.batch_size,
+        n_negatives=model.n_negatives,
+        seed=model.random_state,
+        num_threads=model.num_threads,
+    )
+    optimizer = torch.optim.Adagrad([vectors], lr=model.learning_rate, initial_accumulator_value=0.0)
+    n_others = others.shape[0]
+    for _ in range(epochs):
+        for rows, positives, negatives in sampler:
+            rows, positives, negatives = (torch.from_numpy(a).to(others.device) for a in (rows, positives, negatives))
+            anchors = torch.nn.functional.embedding(rows, vectors)
+            pos_dist = (anchors - others[positives]).pow(2).sum(-1)
+            neg_dist = (anchors.unsqueeze(1) - others[negatives]).pow(2).sum(-1)
+            loss = warp_metric_loss(pos_dist, neg_dist, model.margin, n_others, model.hardest_only, model.rank_weighted)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                vectors.copy_(clip_rows(vectors, model.max_norm))
+    return vectors.detach()

@@ -33,6 +33,46 @@ impl Csr {
         P: Copy + Into<i64>,
         I: Copy + Into<i64>,
     {
+        Csr::build(name, n_rows, n_cols, indptr, indices, None).map(|(csr, _)| csr)
+    }
+
+    /// [`Csr::from_parts`] with a value per stored entry: the values come back in
+    /// the matrix's order, those of repeated ids in a row summed (as scipy does).
+    pub fn from_parts_with_values<P, I>(
+        name: &str,
+        n_rows: usize,
+        n_cols: usize,
+        indptr: &[P],
+        indices: &[I],
+        values: &[f32],
+    ) -> Result<(Csr, Vec<f32>)>
+    where
+        P: Copy + Into<i64>,
+        I: Copy + Into<i64>,
+    {
+        if values.len() != indices.len() {
+            return Err(CoreError::invalid(format!(
+                "{name} has {} values for {} indices; the CSR arrays are inconsistent",
+                values.len(),
+                indices.len()
+            )));
+        }
+        Csr::build(name, n_rows, n_cols, indptr, indices, Some(values))
+            .map(|(csr, values)| (csr, values.unwrap_or_default()))
+    }
+
+    fn build<P, I>(
+        name: &str,
+        n_rows: usize,
+        n_cols: usize,
+        indptr: &[P],
+        indices: &[I],
+        values: Option<&[f32]>,
+    ) -> Result<(Csr, Option<Vec<f32>>)>
+    where
+        P: Copy + Into<i64>,
+        I: Copy + Into<i64>,
+    {
         if n_cols > u32::MAX as usize {
             return Err(CoreError::invalid(format!(
                 "{name} has {n_cols} columns; at most {} are supported",
@@ -72,6 +112,7 @@ impl Csr {
         }
 
         let mut sorted: Vec<u32> = Vec::with_capacity(nnz);
+        let mut sorted_values: Vec<f32> = Vec::with_capacity(values.map_or(0, <[f32]>::len));
         let mut indptr_out = Vec::with_capacity(n_rows + 1);
         indptr_out.push(0usize);
         for r in 0..n_rows {
@@ -85,25 +126,20 @@ impl Csr {
                 }
                 sorted.push(c as u32);
             }
-            let row = &mut sorted[row_start..];
-            if !row.windows(2).all(|w| w[0] < w[1]) {
-                row.sort_unstable();
-                let mut write = row_start;
-                for read in row_start..sorted.len() {
-                    if write == row_start || sorted[read] != sorted[write - 1] {
-                        sorted[write] = sorted[read];
-                        write += 1;
-                    }
-                }
-                sorted.truncate(write);
+            if let Some(v) = values {
+                sorted_values.extend_from_slice(&v[offsets[r]..offsets[r + 1]]);
+            }
+            if !sorted[row_start..].windows(2).all(|w| w[0] < w[1]) {
+                canonical_row(&mut sorted, &mut sorted_values, row_start, values.is_some());
             }
             indptr_out.push(sorted.len());
         }
-        Ok(Csr {
+        let csr = Csr {
             n_cols,
             indptr: indptr_out,
             indices: sorted,
-        })
+        };
+        Ok((csr, values.map(|_| sorted_values)))
     }
 
     /// Builds a matrix from rows of ids (used by tests and synthetic data).
@@ -168,6 +204,33 @@ impl Csr {
     }
 }
 
+/// Sorts the row that starts at `start` (the tail of `ids`) and merges repeated
+/// ids, summing their values when `with_values`.
+fn canonical_row(ids: &mut Vec<u32>, values: &mut Vec<f32>, start: usize, with_values: bool) {
+    let mut pairs: Vec<(u32, f32)> = ids[start..]
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| (id, if with_values { values[start + i] } else { 0.0 }))
+        .collect();
+    pairs.sort_by_key(|&(id, _)| id);
+    ids.truncate(start);
+    if with_values {
+        values.truncate(start);
+    }
+    for (id, value) in pairs {
+        if ids.len() > start && ids[ids.len() - 1] == id {
+            if with_values {
+                *values.last_mut().expect("a value per id") += value;
+            }
+        } else {
+            ids.push(id);
+            if with_values {
+                values.push(value);
+            }
+        }
+    }
+}
+
 /// Checks an `exclude` matrix of a search: one row of excluded ids per query
 /// and, where ids are positions (`n_items` given), no column beyond the items.
 pub fn check_exclusions(
@@ -226,6 +289,25 @@ mod tests {
         assert_eq!(csr.nnz(), 4);
         assert!(csr.contains(0, 4));
         assert!(!csr.contains(1, 4));
+    }
+
+    #[test]
+    fn values_follow_their_ids_and_repeats_add_up() {
+        let (csr, values) = Csr::from_parts_with_values(
+            "m",
+            2,
+            5,
+            &[0i32, 3, 5],
+            &[4i32, 1, 4, 2, 0],
+            &[1.0, 2.0, 3.0, 4.0, 5.0],
+        )
+        .unwrap();
+        assert_eq!(csr.row(0), &[1, 4]);
+        assert_eq!(values, vec![2.0, 4.0, 5.0, 4.0]);
+        let err = Csr::from_parts_with_values("m", 1, 5, &[0i32, 1], &[0i32], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0 values for 1 indices"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,15 @@
 //! holds every item has an empty complement; construction rejects it by name
 //! instead of hanging, as the reference sampler did.
 //!
+//! Confidence weights (optional): with a value `v >= 0` per pair (play counts,
+//! ratings, BM25 weights), an epoch instead draws `nnz` pairs in proportion to
+//! `ln(1 + v)` by systematic sampling: the pairs, in a seeded order, are laid
+//! end to end on a line with lengths proportional to their weights, and `nnz`
+//! equally spaced points with a seeded offset pick them, so each pair comes
+//! `floor` or `ceil` of its expected count; the picks are then shuffled. The
+//! logarithm keeps a pair with thousands of plays from crowding out the rest;
+//! a pair of value 0 is never drawn. Equal values give the unweighted epoch.
+//!
 //! Cost per epoch: O(nnz) for the permutation plus O(nnz * U * log |row|) for
 //! the negatives, spread over the pool. [`BatchStream`] runs this on its own
 //! thread, a bounded number of batches ahead of the consumer.
@@ -97,6 +106,8 @@ pub struct WarpSampler {
     positives: Csr,
     /// The user of each stored pair, in CSR order.
     pair_users: Vec<u32>,
+    /// The drawing weight `ln(1 + value)` of each pair, when values matter.
+    weights: Option<Vec<f64>>,
     /// Bitsets of the positives of long rows (see [`LongRows`]).
     long_rows: LongRows,
     config: SamplerConfig,
@@ -146,13 +157,56 @@ impl WarpSampler {
         Ok(WarpSampler {
             positives,
             pair_users,
+            weights: None,
             long_rows,
             config,
         })
     }
 
+    /// A sampler that draws pairs in proportion to `ln(1 + value)`, `values`
+    /// holding one confidence value per stored pair in CSR order (see the module
+    /// notes). Values must be finite and non-negative, and not all zero.
+    pub fn with_confidence(
+        positives: Csr,
+        values: &[f32],
+        config: SamplerConfig,
+    ) -> Result<WarpSampler> {
+        if values.len() != positives.nnz() {
+            return Err(CoreError::invalid(format!(
+                "got {} confidence values for {} pairs; pass one value per stored entry",
+                values.len(),
+                positives.nnz()
+            )));
+        }
+        if let Some(at) = values.iter().position(|v| !v.is_finite() || *v < 0.0) {
+            let row = positives.indptr().partition_point(|&start| start <= at) - 1;
+            let item = positives.indices()[at];
+            return Err(CoreError::invalid(format!(
+                "user_items[{row}, {item}] is {}; confidence values must be finite and >= 0 \
+                 (pass binary=True to treat every stored entry as a plain positive)",
+                values[at]
+            )));
+        }
+        if values.iter().all(|&v| v == 0.0) {
+            return Err(CoreError::invalid(
+                "every value of user_items is 0, so no pair would ever be drawn; \
+                 store the interactions as positive values (or pass binary=True)",
+            ));
+        }
+        let mut sampler = WarpSampler::new(positives, config)?;
+        if values.iter().any(|&v| v != values[0]) {
+            sampler.weights = Some(values.iter().map(|&v| (v as f64).ln_1p()).collect());
+        }
+        Ok(sampler)
+    }
+
     pub fn config(&self) -> &SamplerConfig {
         &self.config
+    }
+
+    /// Whether epochs draw pairs by confidence weight (not a plain permutation).
+    pub fn is_weighted(&self) -> bool {
+        self.weights.is_some()
     }
 
     pub fn positives(&self) -> &Csr {
@@ -171,7 +225,12 @@ impl WarpSampler {
     /// The seeded order in which epoch `epoch` visits the pairs (indices into CSR order).
     pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
         let mut order: Vec<u32> = (0..self.n_pairs() as u32).collect();
-        Rng::stream(self.config.seed, tag::EPOCH_ORDER, &[epoch]).shuffle(&mut order);
+        let mut rng = Rng::stream(self.config.seed, tag::EPOCH_ORDER, &[epoch]);
+        rng.shuffle(&mut order);
+        if let Some(weights) = &self.weights {
+            order = systematic_sample(&order, weights, rng.unit_f64());
+            rng.shuffle(&mut order);
+        }
         order
     }
 
@@ -255,6 +314,35 @@ impl WarpSampler {
             }
         }
     }
+}
+
+/// `visit.len()` picks among the pairs of `visit` (in that order), each pair as
+/// many times as equally spaced points with offset `offset` (in [0, 1) steps)
+/// fall on its share of the total weight.
+fn systematic_sample(visit: &[u32], weights: &[f64], offset: f64) -> Vec<u32> {
+    let total: f64 = weights.iter().sum();
+    let n = visit.len();
+    let step = total / n as f64;
+    let mut picks = Vec::with_capacity(n);
+    let (mut edge, mut point) = (0.0f64, offset * step);
+    for &pair in visit {
+        edge += weights[pair as usize];
+        while point < edge && picks.len() < n {
+            picks.push(pair);
+            point += step;
+        }
+    }
+    // Rounding can leave the last point just beyond the last edge.
+    while picks.len() < n {
+        picks.push(
+            *visit
+                .iter()
+                .rev()
+                .find(|&&p| weights[p as usize] > 0.0)
+                .expect("a positive weight"),
+        );
+    }
+    picks
 }
 
 /// Bitsets of the positives of the longest rows, where the binary search of
@@ -557,6 +645,52 @@ mod tests {
             eligible.iter().all(|&c| (300..560).contains(&c)),
             "{eligible:?}"
         );
+    }
+
+    #[test]
+    fn confidence_draws_pairs_in_proportion_to_log_one_plus_value() {
+        // One user, 4 items; values 0, 1, e - 1 and e^3 - 1: weights 0, ln 2, 1, 3.
+        let csr = Csr::from_rows(10, &[vec![0, 1, 2, 3]]).unwrap();
+        let e = std::f32::consts::E;
+        let values = [0.0, 1.0, e - 1.0, e * e * e - 1.0];
+        let config = SamplerConfig {
+            batch_size: 4,
+            n_negatives: 1,
+            seed: 5,
+            check_negative: true,
+        };
+        let s = WarpSampler::with_confidence(csr.clone(), &values, config.clone()).unwrap();
+        let mut counts = [0usize; 4];
+        for epoch in 0..1000 {
+            let order = s.epoch_order(epoch);
+            assert_eq!(order.len(), 4);
+            for &pair in &order {
+                counts[pair as usize] += 1;
+            }
+        }
+        // 4,000 draws over weights 0 : 0.693 : 1 : 3.
+        let total = std::f64::consts::LN_2 + 4.0;
+        for (pair, weight) in [(1, std::f64::consts::LN_2), (2, 1.0), (3, 3.0)] {
+            let expected = 4000.0 * weight / total;
+            assert!(
+                (counts[pair] as f64 - expected).abs() < 0.05 * expected,
+                "{counts:?}"
+            );
+        }
+        assert_eq!(counts[0], 0);
+        // Equal values: the same epochs as without values.
+        let plain = WarpSampler::new(csr.clone(), config.clone()).unwrap();
+        let equal = WarpSampler::with_confidence(csr.clone(), &[3.0; 4], config.clone()).unwrap();
+        assert_eq!(plain.epoch_order(7), equal.epoch_order(7));
+        let message = |values: &[f32]| {
+            WarpSampler::with_confidence(csr.clone(), values, config.clone())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(message(&[1.0, -1.0, 1.0, 1.0]).contains("user_items[0, 1] is -1"));
+        assert!(message(&[1.0, 1.0, f32::NAN, 1.0]).contains("user_items[0, 2] is NaN"));
+        assert!(message(&[0.0; 4]).contains("every value of user_items is 0"));
+        assert!(message(&[1.0]).contains("1 confidence values for 4 pairs"));
     }
 
     #[test]

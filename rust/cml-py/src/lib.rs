@@ -181,13 +181,29 @@ impl<'a> CsrParts<'a> {
 
     /// Validates the arrays into a core matrix (rows sorted, duplicates dropped).
     pub(crate) fn to_csr(&self) -> cml_core::Result<Csr> {
+        self.to_csr_with(None).map(|(csr, _)| csr)
+    }
+
+    /// As [`CsrParts::to_csr`], with `values` (one per stored entry) following
+    /// their ids, the values of repeated ids summed.
+    pub(crate) fn to_csr_with(&self, values: Option<&[f32]>) -> cml_core::Result<(Csr, Vec<f32>)> {
         use IdSlice::{I32, I64};
-        let (name, rows, cols) = (self.name, self.n_rows, self.n_cols);
+        macro_rules! build {
+            ($p:expr, $i:expr) => {
+                match values {
+                    None => Csr::from_parts(self.name, self.n_rows, self.n_cols, $p, $i)
+                        .map(|csr| (csr, Vec::new())),
+                    Some(v) => {
+                        Csr::from_parts_with_values(self.name, self.n_rows, self.n_cols, $p, $i, v)
+                    }
+                }
+            };
+        }
         match (&self.indptr, &self.indices) {
-            (I32(p), I32(i)) => Csr::from_parts(name, rows, cols, p, i),
-            (I32(p), I64(i)) => Csr::from_parts(name, rows, cols, p, i),
-            (I64(p), I32(i)) => Csr::from_parts(name, rows, cols, p, i),
-            (I64(p), I64(i)) => Csr::from_parts(name, rows, cols, p, i),
+            (I32(p), I32(i)) => build!(p, i),
+            (I32(p), I64(i)) => build!(p, i),
+            (I64(p), I32(i)) => build!(p, i),
+            (I64(p), I64(i)) => build!(p, i),
         }
     }
 }

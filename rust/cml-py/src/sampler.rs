@@ -6,7 +6,8 @@
 use crate::{detached, IdArray, Int};
 use cml_core::{Batch, BatchStream, SamplerConfig};
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -58,9 +59,10 @@ impl WarpSampler {
 
 #[pymethods]
 impl WarpSampler {
-    /// A sampler over the CSR arrays of a user x item matrix.
+    /// A sampler over the CSR arrays of a user x item matrix; with `values`
+    /// (one per stored entry), pairs are drawn in proportion to ln(1 + value).
     #[new]
-    #[pyo3(signature = (indptr, indices, n_items, batch_size, n_negatives, seed, num_threads, check_negative, prefetch))]
+    #[pyo3(signature = (indptr, indices, n_items, batch_size, n_negatives, seed, num_threads, check_negative, prefetch, values=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -73,6 +75,7 @@ impl WarpSampler {
         num_threads: Int,
         check_negative: bool,
         prefetch: Int,
+        values: Option<PyReadonlyArray1<'_, f32>>,
     ) -> PyResult<Self> {
         let arg = (indptr, indices, n_items);
         let matrix = crate::CsrParts::borrow("user_items", &arg)?;
@@ -86,9 +89,22 @@ impl WarpSampler {
             num_threads.count("num_threads")?,
             prefetch.count("prefetch")?,
         );
+        let values = values
+            .as_ref()
+            .map(|v| {
+                v.as_slice()
+                    .map_err(|_| PyValueError::new_err("values must be C-contiguous"))
+            })
+            .transpose()?;
         let inner = detached(py, || {
             cml_core::sampler::check_prefetch(prefetch)?;
-            cml_core::WarpSampler::new(matrix.to_csr()?, config)
+            match values {
+                None => cml_core::WarpSampler::new(matrix.to_csr()?, config),
+                Some(values) => {
+                    let (csr, values) = matrix.to_csr_with(Some(values))?;
+                    cml_core::WarpSampler::with_confidence(csr, &values, config)
+                }
+            }
         })?;
         Ok(WarpSampler {
             inner: Arc::new(inner),
@@ -141,6 +157,13 @@ impl WarpSampler {
     #[getter]
     fn seed(&self) -> u64 {
         self.inner.config().seed
+    }
+
+    /// Whether pairs are drawn in proportion to ln(1 + value) (False when the
+    /// values were not given or were all equal).
+    #[getter]
+    fn weighted(&self) -> bool {
+        self.inner.is_weighted()
     }
 
     /// Whether negatives avoid the user's positives.
