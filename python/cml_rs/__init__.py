@@ -23,6 +23,7 @@ __all__ = [
     "LshIndex",
     "WarpSampler",
     "__version__",
+    "baselines",
     "datasets",
     "evaluation",
     "nn",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what the lazy exports below resolve to, for type checkers and IDEs
-    from . import datasets, evaluation, nn, retrieval
+    from . import baselines, datasets, evaluation, nn, retrieval
     from .lsh import LshIndex
     from .model import CML, CollaborativeMetricLearning
 
@@ -42,6 +43,7 @@ _LAZY = {
     "CML": ("model", "CML"),
     "CollaborativeMetricLearning": ("model", "CollaborativeMetricLearning"),
     "LshIndex": ("lsh", "LshIndex"),
+    "baselines": ("baselines", None),
     "datasets": ("datasets", None),
     "evaluation": ("evaluation", None),
     "nn": ("nn", None),

@@ -40,19 +40,48 @@ class RankingMetrics(dict):
         return f"RankingMetrics({values}, users={self['users']})"
 
 
-def _factors(model_or_factors: Any) -> tuple[np.ndarray, np.ndarray]:
+def _metric_factors(model_or_factors: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (users, items) vectors of a metric model or tuple, ranked by distance;
+    None for any other recommender (ranked through its ``recommend``)."""
     if isinstance(model_or_factors, (tuple, list)) and len(model_or_factors) == 2:
         users, items = model_or_factors
-    elif hasattr(model_or_factors, "user_factors") and hasattr(model_or_factors, "item_factors"):
+    elif getattr(model_or_factors, "metric_space", None) == "euclidean":
         users, items = model_or_factors.user_factors, model_or_factors.item_factors
+    elif callable(getattr(model_or_factors, "recommend", None)):
+        return None
     else:
         raise TypeError(
-            "pass a fitted model (with user_factors / item_factors) or a (user_factors, item_factors) tuple"
+            "pass a fitted model (CML, or any model with implicit's recommend) or a "
+            "(user_factors, item_factors) tuple of metric vectors"
         )
     users, items = as_vectors(users, "user_factors"), as_vectors(items, "item_factors")
     if items.shape[1] != users.shape[1]:
         raise ValueError(f"item_factors must have {users.shape[1]} columns (the user dimension), got {items.shape[1]}")
     return users, items
+
+
+def _top_ids(
+    model: Any,
+    factors: tuple[np.ndarray, np.ndarray] | None,
+    users: np.ndarray,
+    excluded: sp.csr_matrix,
+    K: int,
+    num_threads: int,
+) -> np.ndarray:
+    """Each user's top-K item ids with its excluded items skipped: by distance for metric
+    factors, else through the model's implicit-style ``recommend`` (blocks of users)."""
+    if factors is not None:
+        ids, _ = topk_l2(factors[0][users], factors[1], K, exclude=excluded[users], num_threads=num_threads)
+        return ids
+    out = np.full((len(users), K), -1, dtype=np.int64)
+    for start in range(0, len(users), 1024):
+        block = users[start : start + 1024]
+        ids, scores = model.recommend(block, excluded[block], N=K)
+        ids = np.asarray(ids, dtype=np.int64).reshape(len(block), -1)
+        # A tail of excluded items (scored as low as it gets) is no recommendation.
+        ids[np.asarray(scores).reshape(len(block), -1) <= np.finfo(np.float32).min] = -1
+        out[start : start + len(block), : ids.shape[1]] = ids
+    return out
 
 
 def ranking_metrics_at_k(
@@ -64,12 +93,15 @@ def ranking_metrics_at_k(
     users: Any | None = None,
     num_threads: int = 0,
 ) -> RankingMetrics:
-    """Recall, precision, NDCG and MAP at ``K`` of a metric model.
+    """Recall, precision, NDCG and MAP at ``K`` of a recommender.
 
     Parameters
     ----------
     model_or_factors : fitted model or (user_factors, item_factors)
-        Items are ranked by squared Euclidean distance to the user.
+        A CML model or a tuple of metric vectors: items are ranked by squared
+        Euclidean distance to the user (exactly, by the native kernel). Any
+        other model with implicit's ``recommend(userids, user_items, N)`` (the
+        baselines, implicit's and LightFM wrappers) ranks items itself.
     train : scipy.sparse matrix (n_users, n_items)
         Items excluded from every user's ranking (the training interactions).
     test : scipy.sparse matrix (n_users, n_items)
@@ -86,9 +118,9 @@ def ranking_metrics_at_k(
     RankingMetrics
         A dict of means plus ``per_user`` arrays.
     """
-    user_factors, item_factors = _factors(model_or_factors)
+    factors = _metric_factors(model_or_factors)
     K = check_int(K, "K")
-    shape = (user_factors.shape[0], item_factors.shape[0])
+    shape = (factors[0].shape[0], factors[1].shape[0]) if factors is not None else _model_shape(model_or_factors, test)
     train = _matrix_of_shape(train, "train", shape)
     test = _matrix_of_shape(test, "test", shape)
     excluded = train
@@ -107,7 +139,7 @@ def ranking_metrics_at_k(
     if len(evaluated) == 0:
         return RankingMetrics(K, per_user)
 
-    ids, _ = topk_l2(user_factors[evaluated], item_factors, K, exclude=excluded[evaluated], num_threads=num_threads)
+    ids = _top_ids(model_or_factors, factors, evaluated, excluded, K, num_threads)
     hits = _hits(ids, test[evaluated], shape[1])  # (users, K) booleans
     n_held = held_out_sizes[evaluated].astype(np.float64)
     discounts = 1.0 / np.log2(np.arange(2, K + 2))
@@ -119,6 +151,14 @@ def ranking_metrics_at_k(
     per_user["ndcg"] = (hits * discounts).sum(axis=1) / ideal
     per_user["map"] = (precision_at_rank * hits).sum(axis=1) / np.minimum(n_held, K)
     return RankingMetrics(K, per_user)
+
+
+def _model_shape(model: Any, test: Any) -> tuple[int, int]:
+    """(users, items) of a non-metric model: its own sizes where it states them, else the test matrix's."""
+    n_users, n_items = getattr(model, "n_users", None), getattr(model, "n_items", None)
+    if isinstance(n_users, int) and isinstance(n_items, int):
+        return n_users, n_items
+    return as_csr(test, "test").shape
 
 
 def _matrix_of_shape(matrix: Any, name: str, shape: tuple[int, int]) -> sp.csr_matrix:
