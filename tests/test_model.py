@@ -120,13 +120,16 @@ def test_fit_is_deterministic_for_a_seed():
     np.testing.assert_allclose(a.item_factors, b.item_factors, rtol=1e-4, atol=1e-5)
 
 
-def test_refit_with_the_same_seed_repeats_bit_for_bit_on_two_threads():
+@pytest.mark.parametrize("covariance_rows", ["all", "batch", "sampled"])
+def test_refit_with_the_same_seed_repeats_bit_for_bit_on_two_threads(covariance_rows):
     # Batches large enough for torch to split the gradient scatter over threads,
     # with items repeated inside a batch: tensor indexing's backward would add
     # them in a thread-dependent order.
     data = datasets.synthetic(n_users=2000, n_items=3000, n_interactions=40000, n_clusters=20, seed=2)
     runs = [
-        small_model(factors=64, epochs=2, batch_size=4096, num_threads=2).fit(data.user_items, show_progress=False)
+        small_model(factors=64, epochs=2, batch_size=4096, num_threads=2, covariance_rows=covariance_rows).fit(
+            data.user_items, show_progress=False
+        )
         for _ in range(2)
     ]
     np.testing.assert_array_equal(runs[0].item_factors, runs[1].item_factors)
@@ -173,6 +176,7 @@ def test_cml_beats_popularity_on_synthetic_clusters():
         dict(hardest_only=False),
         dict(rank_weighted=False),
         dict(covariance_rows="batch"),
+        dict(covariance_rows="sampled", covariance_sample=64),
         dict(lambda_c=0.0),
         dict(margin=0.5),
         dict(n_negatives=3),
@@ -224,26 +228,28 @@ def test_fit_errors_name_the_problem(fitted):
         small_model(epochs=1).fit(rows, show_progress=False)
 
 
-def test_divergence_rolls_back_the_epoch_and_names_the_remedy(monkeypatch):
+def test_divergence_stops_before_the_bad_step_and_names_the_remedy(monkeypatch):
     # The hyper-parameter bounds keep a fit finite, so the fault is injected:
-    # the loss of the 3rd step of the 2nd epoch turns NaN.
-    from cml_rs import nn
+    # the loss of the first step of the second epoch turns NaN.
+    from cml_rs import training
 
     matrix = checkerboard(20, 20)
     calls = []
-    original = nn.CMLEmbedding.warp_loss
+    original = training.Trainer.loss
 
     def poisoned(self, *args, **kwargs):
         calls.append(1)
-        loss = original(self, *args, **kwargs)
-        return loss * float("nan") if len(calls) == 5 else loss
+        loss, touched = original(self, *args, **kwargs)
+        return (loss * float("nan") if len(calls) == 5 else loss), touched
 
     model = small_model(epochs=5, batch_size=64)  # 200 pairs: 4 steps per epoch
     reference = small_model(epochs=1, batch_size=64).fit(matrix, show_progress=False)
-    monkeypatch.setattr(nn.CMLEmbedding, "warp_loss", poisoned)
-    with pytest.raises(FloatingPointError, match=r"epoch 1, step 0.*Lower learning_rate"):
+    monkeypatch.setattr(training.Trainer, "loss", poisoned)
+    with pytest.raises(
+        FloatingPointError, match=r"nan at epoch 1, step 0; the step was not taken.*Lower learning_rate"
+    ):
         model.fit(matrix, show_progress=False)
-    # The model holds the vectors from the start of epoch 1, i.e. after epoch 0.
+    # The bad step was never applied: the model holds the vectors after epoch 0.
     np.testing.assert_array_equal(model.item_factors, reference.item_factors)
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "WarpSampler",
     "__version__",
     "rank_weights",
+    "rank_weights_by_id",
     "simd_kernel",
     "sqdist",
     "topk_l2",
@@ -29,6 +30,15 @@ def simd_kernel() -> str: ...
 def rank_weights(
     pos_dist: npt.NDArray[np.float32],
     neg_dist: npt.NDArray[np.float32],
+    margin: float,
+    n_items: int,
+    num_threads: int = 0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+def rank_weights_by_id(
+    anchors: npt.NDArray[np.float32],
+    targets: npt.NDArray[np.float32],
+    negatives: npt.NDArray[np.int64],
+    pos_dist: npt.NDArray[np.float32],
     margin: float,
     n_items: int,
     num_threads: int = 0,

@@ -77,10 +77,18 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter(
         "covariance_rows",
         "all",
-        "covariance over all user and item rows, or the batch's rows",
+        "covariance over all user and item rows, the batch's rows, or a uniform sample of rows",
         str,
-        choices=("all", "batch"),
+        choices=("all", "batch", "sampled"),
         flag="--covariance-rows",
+    ),
+    Hyperparameter(
+        "covariance_sample",
+        4096,
+        "rows drawn per step for the covariance when covariance_rows='sampled'",
+        int,
+        2,
+        1 << 24,
     ),
     Hyperparameter(
         "binary",

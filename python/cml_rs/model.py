@@ -60,8 +60,14 @@ class CollaborativeMetricLearning:
         Upper bound on passes over the training pairs.
     lambda_c : float
         Weight of the covariance regulariser (paper: 10).
-    covariance_rows : {"all", "batch"}
-        Take the covariance over all user and item rows (default) or only the batch's rows.
+    covariance_rows : {"all", "batch", "sampled"}
+        Rows the covariance regulariser is taken over each step: all user and
+        item rows (the paper; every step then costs O(n_users + n_items)), the
+        rows the batch moves (its users, positives and chosen negatives), or
+        ``covariance_sample`` rows drawn uniformly from all of them (an
+        unbiased estimate of the "all" gradient at O(batch) cost).
+    covariance_sample : int
+        Rows drawn per step with ``covariance_rows="sampled"``.
     binary : bool
         Treat every stored entry of ``user_items`` as a plain positive. By
         default the values are confidence weights (play counts, ratings, BM25):
@@ -114,6 +120,9 @@ class CollaborativeMetricLearning:
     and U between 10 and 20 change little, U = 50 lowers recall.
     """
 
+    #: Scores are minus squared Euclidean distances (evaluation ranks by distance).
+    metric_space = "euclidean"
+
     def __init__(
         self,
         factors: int = 100,
@@ -125,6 +134,7 @@ class CollaborativeMetricLearning:
         epochs: int = 200,
         lambda_c: float = 10.0,
         covariance_rows: str = "all",
+        covariance_sample: int = 4096,
         binary: bool = False,
         rank_weighted: bool = True,
         hardest_only: bool = True,
@@ -278,8 +288,7 @@ class CollaborativeMetricLearning:
             warm_start = self.fitted and features is None and self.projector_ is None
             if not warm_start:
                 self._build(n_users, n_items, features)
-            feature_tensor = torch_sparse(features).to(self.device) if features is not None else None
-            Trainer(self, train, valid, feature_tensor).run(show_progress, callback)
+            Trainer(self, train, valid, features).run(show_progress, callback)
         self._indexes.clear()
         return self
 

@@ -24,8 +24,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from . import _native
 from .evaluation import ranking_metrics_at_k
-from .nn import CMLEmbedding, clip_rows, covariance_loss, feature_loss, torch_sparse_rows, warp_metric_loss
+from .nn import (
+    clip_rows,
+    covariance_loss,
+    feature_loss,
+    rank_weights_torch,
+    torch_sparse,
+    torch_sparse_rows,
+    warp_metric_loss,
+)
 from .sampling import WarpSampler
 
 if TYPE_CHECKING:
@@ -45,14 +54,15 @@ class Trainer:
         model: CollaborativeMetricLearning,
         train: sp.csr_matrix,
         validation: sp.csr_matrix | None,
-        features: torch.Tensor | None,
+        features: sp.csr_matrix | None,
     ) -> None:
         self.model = model
         self.train = train
         self.validation = validation
         self.features = features
         self.n_items = train.shape[1]
-        self.optimizer = _optimizer(model)
+        self.sparse = model.covariance_rows != "all"
+        self.optimizer = _optimizer(model, self.sparse)
         self.sampler = WarpSampler(
             train,
             batch_size=model.batch_size,
@@ -70,58 +80,132 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def loss(self, batch: tuple[np.ndarray, ...]) -> torch.Tensor:
-        """L = L_m + lambda_c L_c (+ lambda_f L_f) of one batch."""
+    def loss(self, batch: tuple[np.ndarray, ...], epoch: int = 0, step: int = 0) -> tuple[torch.Tensor, list]:
+        """L = L_m + lambda_c L_c (+ lambda_f L_f) of one batch, and the rows it touches.
+
+        The cost is O(batch), whatever the size of the model: the negatives'
+        distances are computed without autograd (natively on the CPU), and
+        only the rows that take a gradient (the batch's users, positives and
+        chosen negatives, and the covariance sample) are looked up, with
+        sparse gradients. With ``covariance_rows="all"`` the penalty, and so
+        the step, touches every row.
+        """
         model, embedding = self.model, self.model.embedding_
-        users, positives, negatives = (torch.from_numpy(a).to(model.device, non_blocking=True) for a in batch)
-        loss = embedding.warp_loss(
-            users, positives, negatives, model.margin, self.n_items, model.hardest_only, model.rank_weighted
-        )
+        users, positives, negatives = batch
+        weights, targets = self.hardest(users, positives, negatives)
+        user_ids, user_local = np.unique(users, return_inverse=True)
+        item_ids, item_local = np.unique(np.concatenate([positives, targets.ravel()]), return_inverse=True)
+        user_rows = self.rows(embedding.users, user_ids)
+        item_rows = self.rows(embedding.items, item_ids)
+        device = model.device
+        u = torch.nn.functional.embedding(torch.from_numpy(user_local).to(device), user_rows)
+        local = torch.from_numpy(item_local).to(device)
+        p = torch.nn.functional.embedding(local[: len(positives)], item_rows)
+        n = torch.nn.functional.embedding(local[len(positives) :].reshape(targets.shape), item_rows)
+        pos_dist = (u - p).pow(2).sum(-1)
+        if model.hardest_only:
+            pair_loss = torch.relu(model.margin + pos_dist - (u - n).pow(2).sum(-1))
+        else:
+            hinge = torch.relu((model.margin + pos_dist).unsqueeze(1) - (u.unsqueeze(1) - n).pow(2).sum(-1))
+            pair_loss = hinge.sum(dim=1) / (hinge > 0).sum(dim=1).clamp_min(1)
+        loss = (pair_loss * weights).sum() if model.rank_weighted else pair_loss.sum()
+        touched = [("users", user_ids), ("items", item_ids)]
         if model.lambda_c > 0:
             if model.covariance_rows == "all":
                 penalty = covariance_loss(embedding.users, embedding.items)
+            elif model.covariance_rows == "batch":
+                penalty = covariance_loss(user_rows, item_rows)
             else:
-                penalty = covariance_loss(*_batch_rows(embedding, batch))
+                sample_users, sample_items = self.covariance_sample(epoch, step)
+                penalty = covariance_loss(
+                    self.rows(embedding.users, sample_users), self.rows(embedding.items, sample_items)
+                )
+                touched += [("users", sample_users), ("items", sample_items)]
             loss = loss + model.lambda_c * penalty
         if self.features is not None and model.lambda_f > 0:
-            loss = loss + model.lambda_f * feature_loss(model.projector_(self.features), embedding.items)
-        return loss
+            projected = model.projector_(torch_sparse(self.features[item_ids]).to(device))
+            loss = loss + model.lambda_f * feature_loss(projected, item_rows)
+        return loss, touched
 
-    def step(self, batch: tuple[np.ndarray, ...]) -> float:
-        """One optimiser step on ``batch``; returns its loss (NaN or inf is the caller's to handle)."""
-        loss = self.loss(batch)
-        if not torch.isfinite(loss):
-            return float(loss.detach())
+    def hardest(
+        self, users: np.ndarray, positives: np.ndarray, negatives: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The WARP weights of the batch's pairs, and the negatives that take a gradient:
+        the hardest of each pair's (or all of them without ``hardest_only``)."""
+        model, embedding = self.model, self.model.embedding_
+        with torch.no_grad():
+            u = embedding.users[torch.from_numpy(users).to(model.device)]
+            pos_dist = (u - embedding.items[torch.from_numpy(positives).to(model.device)]).pow(2).sum(-1)
+            if model.device.type == "cpu":
+                weights, hardest = _native.rank_weights_by_id(
+                    u.numpy(),
+                    embedding.items.detach().numpy(),
+                    negatives,
+                    pos_dist.numpy(),
+                    model.margin,
+                    self.n_items,
+                    model.num_threads,
+                )
+                weights = torch.from_numpy(weights)
+            else:
+                neg = embedding.items[torch.from_numpy(negatives).to(model.device)]
+                weights, hardest = rank_weights_torch(
+                    pos_dist, (u.unsqueeze(1) - neg).pow(2).sum(-1), model.margin, self.n_items
+                )
+                hardest = hardest.cpu().numpy()
+        targets = negatives[np.arange(len(negatives)), hardest] if model.hardest_only else negatives
+        return weights.to(model.device), targets
+
+    def rows(self, table: torch.nn.Parameter, ids: np.ndarray) -> torch.Tensor:
+        """Rows ``ids`` of ``table``, differentiable, with a sparse gradient unless every row moves anyway."""
+        index = torch.from_numpy(ids).to(self.model.device)
+        return torch.nn.functional.embedding(index, table, sparse=self.sparse)
+
+    def covariance_sample(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """``covariance_sample`` rows drawn uniformly from all users and items, from a
+        stream keyed by (seed, epoch, step): the same for a seed, whatever else ran."""
+        n_users, n_items = self.model.embedding_.users.shape[0], self.n_items
+        total = n_users + n_items
+        size = min(self.model.covariance_sample, total)
+        rng = np.random.default_rng([self.model.random_state, epoch, step])
+        rows = np.sort(rng.choice(total, size, replace=False))
+        return rows[rows < n_users], rows[rows >= n_users] - n_users
+
+    def step(self, batch: tuple[np.ndarray, ...], epoch: int = 0, step: int = 0) -> float:
+        """One optimiser step on ``batch``; returns its loss. A step whose loss or gradient is
+        not finite is not taken, and raises FloatingPointError (the model keeps its vectors)."""
+        model = self.model
+        loss, touched = self.loss(batch, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.model.embedding_.clip_to_ball()
-        return float(loss.detach())
+        value = float(loss.detach())
+        if np.isfinite(value):
+            loss.backward()
+        if not (np.isfinite(value) and _finite_gradients(self.optimizer)):
+            raise FloatingPointError(
+                f"the loss or its gradient became {value if not np.isfinite(value) else 'non-finite'} at epoch "
+                f"{epoch}, step {step}; the step was not taken and the model keeps its vectors. "
+                f"Lower learning_rate (now {model.learning_rate}) or lambda_c (now {model.lambda_c})"
+            )
+        # torch's sparse AdaGrad builds sparse tensors of known-good indices; say
+        # so explicitly (it warns when the global default is left implicit).
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            self.optimizer.step()
+        with torch.no_grad():
+            if not self.sparse:
+                model.embedding_.clip_to_ball()
+            else:
+                for side, ids in touched:
+                    table = model.embedding_.users if side == "users" else model.embedding_.items
+                    index = torch.from_numpy(ids).to(model.device)
+                    table[index] = clip_rows(table[index], model.max_norm)
+        return value
 
     # ------------------------------------------------------------------ epochs
 
     def run_epoch(self, epoch: int) -> float:
-        """One pass over the training pairs; rolls back and raises on divergence."""
-        model = self.model
-        last_good = snapshot(model)
-        epoch_loss = 0.0
-        for step, batch in enumerate(self.sampler):
-            loss = self.step(batch)
-            if not np.isfinite(loss):
-                restore(model, last_good)
-                raise FloatingPointError(
-                    f"the loss became {loss} at epoch {epoch}, step {step}; the model keeps the "
-                    f"vectors from the start of this epoch. Lower learning_rate (now {model.learning_rate}) "
-                    f"or lambda_c (now {model.lambda_c})"
-                )
-            epoch_loss += loss
-        if not _all_finite(model.embedding_):
-            restore(model, last_good)
-            raise FloatingPointError(
-                f"the vectors became NaN or infinite during epoch {epoch}; the model keeps the vectors "
-                f"from the start of this epoch. Lower learning_rate (now {model.learning_rate})"
-            )
-        return epoch_loss
+        """One pass over the training pairs (raises FloatingPointError on divergence)."""
+        self.sampler.set_epoch(epoch)
+        return sum(self.step(batch, epoch, step) for step, batch in enumerate(self.sampler))
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Validation metrics at ``eval_k``, and the early-stopping bookkeeping."""
@@ -215,13 +299,41 @@ def _callback_caller(callback: Callback | None) -> Callable[[int, float, float, 
     return lambda *values: callback(*values[:positional])
 
 
-def _optimizer(model: CollaborativeMetricLearning) -> torch.optim.Optimizer:
-    params = list(model.embedding_.parameters())
-    if model.projector_ is not None:
-        params += list(model.projector_.parameters())
+class _Optimizers(torch.optim.Optimizer):
+    """Several optimisers stepped as one (SparseAdam for the embedding, Adam for the rest)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+        self.param_groups = [group for o in optimizers for group in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+
+
+def _optimizer(model: CollaborativeMetricLearning, sparse: bool) -> torch.optim.Optimizer:
+    """AdaGrad (sparse gradients welcome) or Adam (SparseAdam for sparse embedding gradients)."""
+    embedding = list(model.embedding_.parameters())
+    network = list(model.projector_.parameters()) if model.projector_ is not None else []
     if model.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=model.learning_rate, initial_accumulator_value=0.0)
-    return torch.optim.Adam(params, lr=model.learning_rate)
+        return torch.optim.Adagrad(embedding + network, lr=model.learning_rate, initial_accumulator_value=0.0)
+    if not sparse:
+        return torch.optim.Adam(embedding + network, lr=model.learning_rate)
+    adam = [torch.optim.SparseAdam(embedding, lr=model.learning_rate)]
+    if network:
+        adam.append(torch.optim.Adam(network, lr=model.learning_rate))
+    return adam[0] if len(adam) == 1 else _Optimizers(*adam)
 
 
 def _evaluation_users(validation: sp.csr_matrix | None, eval_users: int, seed: int) -> np.ndarray | None:
@@ -235,13 +347,17 @@ def _evaluation_users(validation: sp.csr_matrix | None, eval_users: int, seed: i
     return np.sort(rng.choice(candidates, eval_users, replace=False))
 
 
-def _batch_rows(embedding: CMLEmbedding, batch: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct user and item vectors a batch touches."""
-    users, positives, negatives = batch
-    device = embedding.users.device
-    item_ids = torch.from_numpy(np.unique(np.concatenate([positives, negatives.ravel()]))).to(device)
-    user_ids = torch.from_numpy(np.unique(users)).to(device)
-    return embedding.user_rows(user_ids), embedding.item_rows(item_ids)
+def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient about to be applied is finite (only the stored values of a sparse one)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                continue
+            values = grad._values() if grad.is_sparse else grad  # stored values, coalesced or not
+            if not bool(torch.isfinite(values).all()):
+                return False
+    return True
 
 
 def snapshot(model: CollaborativeMetricLearning) -> Snapshot:
@@ -257,10 +373,6 @@ def restore(model: CollaborativeMetricLearning, state: Snapshot) -> None:
     model.embedding_.load_state_dict(state[0])
     if model.projector_ is not None and len(state) > 1:
         model.projector_.load_state_dict(state[1])
-
-
-def _all_finite(embedding: CMLEmbedding) -> bool:
-    return bool(torch.isfinite(embedding.users).all() and torch.isfinite(embedding.items).all())
 
 
 @contextlib.contextmanager

@@ -47,6 +47,37 @@ fn rank_weights<'py>(
     Ok((weights.into_pyarray(py), hardest.into_pyarray(py)))
 }
 
+/// `rank_weights` with the negatives' squared distances computed natively:
+/// `anchors` (B, r) are the users, `targets` (N, r) the item vectors and
+/// `negatives` (B, U) the ids of each pair's negatives among them.
+#[pyfunction]
+#[pyo3(signature = (anchors, targets, negatives, pos_dist, margin, n_items, num_threads=Int::ZERO),
+       text_signature = "(anchors, targets, negatives, pos_dist, margin, n_items, num_threads=0)")]
+#[allow(clippy::too_many_arguments)]
+fn rank_weights_by_id<'py>(
+    py: Python<'py>,
+    anchors: PyReadonlyArray2<'py, f32>,
+    targets: PyReadonlyArray2<'py, f32>,
+    negatives: PyReadonlyArray2<'py, i64>,
+    pos_dist: PyReadonlyArray1<'py, f32>,
+    margin: f32,
+    n_items: Int,
+    num_threads: Int,
+) -> PyResult<WeightArrays<'py>> {
+    let (n_items, threads) = (n_items.count("n_items")?, num_threads.count("num_threads")?);
+    let (a, t) = (vectors("anchors", &anchors)?, vectors("targets", &targets)?);
+    let ids = negatives
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("negatives must be C-contiguous"))?;
+    let pos = pos_dist
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("pos_dist must be C-contiguous"))?;
+    let (weights, hardest) = detached(py, || {
+        cml_core::rank::rank_weights_by_id(a, t, ids, pos, margin, n_items, threads)
+    })?;
+    Ok((weights.into_pyarray(py), hardest.into_pyarray(py)))
+}
+
 pub(crate) type NeighbourArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
 
 /// `(ids, sqdist)` of a top-K result as two (Q, k) numpy arrays, without copying.
@@ -104,6 +135,7 @@ fn sqdist<'py>(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rank_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(rank_weights_by_id, m)?)?;
     m.add_function(wrap_pyfunction!(topk_l2, m)?)?;
     m.add_function(wrap_pyfunction!(sqdist, m)?)?;
     Ok(())
