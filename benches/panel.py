@@ -1,0 +1,388 @@
+"""The quality panel: CML against tuned baselines on several data sets and split seeds.
+
+Every (data set, split seed, model) is one job. A baseline job tunes its
+hyper-parameters on the validation part (recall@50; a numeric setting whose
+best value lies on the edge of its grid is pushed outward until it does not),
+then scores the test part once, train and validation items excluded, all
+items ranked. A CML job trains with the package defaults (or a named variant)
+and early stopping on validation. Per-user metrics are stored, so any two
+jobs on the same split can be compared with paired tests; finished jobs are
+skipped when the command is run again (delete benches/out/panel to redo).
+
+    python benches/panel.py --datasets ml-100k citeulike-t --seeds 0 1 2 --models ease rp3beta wrmf cml
+    python benches/panel.py --report            # the tables, from what is stored
+
+Data sets: the five bundled ones (Gowalla on its published split, the seed
+then only seeds the models) and synthetic ones of a few densities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+import cml_rs
+from cml_rs import baselines, datasets, evaluation
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import OUT_DIR, machine
+
+PANEL_DIR = OUT_DIR / "panel"
+CUTOFFS = (20, 50, 100)
+SYNTHETIC = {
+    # name: (users, items, interactions): densities 0.2%, 1%, 4%
+    "synthetic-sparse": (20_000, 10_000, 400_000),
+    "synthetic-medium": (10_000, 5_000, 500_000),
+    "synthetic-dense": (4_000, 2_000, 320_000),
+}
+DATASETS = ["citeulike-t", "ml-100k", "ml-1m-implicit", "ml-latest-small", "gowalla", *SYNTHETIC]
+
+
+# ---------------------------------------------------------------------- data
+
+
+def load_split(name: str, seed: int) -> datasets.Split:
+    if name in SYNTHETIC:
+        users, items, interactions = SYNTHETIC[name]
+        data = datasets.synthetic(users, items, interactions, n_clusters=50, seed=100 + seed)
+        return datasets.split_paper(data.user_items, seed=seed)
+    data = datasets.load(name)
+    if name == "gowalla":
+        return data.given_split
+    return datasets.split_paper(data.user_items, seed=seed)
+
+
+# ---------------------------------------------------------------------- models
+
+
+class LightFMWarp(baselines.ScoringRecommender):
+    """LightFM's WARP as an implicit-style recommender (scores: u.v + b_u + b_i).
+
+    The number of epochs is chosen on validation like CML's: ``fit`` trains up
+    to ``max_epochs`` in steps of ``check_every`` and keeps the state with the
+    best validation recall@50, stopping after ``patience`` checks without gain.
+    """
+
+    def __init__(
+        self,
+        no_components: int,
+        learning_rate: float,
+        item_alpha: float,
+        seed: int,
+        threads: int,
+        validation: sp.csr_matrix | None = None,
+        max_epochs: int = 200,
+        check_every: int = 10,
+        patience: int = 2,
+    ):
+        super().__init__()
+        self.options = dict(no_components=no_components, learning_rate=learning_rate, item_alpha=item_alpha)
+        self.seed, self.threads, self.validation = seed, threads, validation
+        self.max_epochs, self.check_every, self.patience = max_epochs, check_every, patience
+        self.epochs_ = 0
+
+    def fit(self, user_items: Any, show_progress: bool = False) -> LightFMWarp:
+        import copy
+
+        from lightfm import LightFM
+
+        matrix = self._fit_matrix(user_items)
+        self.model = LightFM(loss="warp", random_state=self.seed, **self.options)
+        best, best_state, stale = -1.0, None, 0
+        for epoch in range(self.check_every, self.max_epochs + 1, self.check_every):
+            self.model.fit_partial(matrix.tocoo(), epochs=self.check_every, num_threads=self.threads)
+            if self.validation is None:
+                continue
+            recall = evaluation.ranking_metrics_at_k(self, matrix, self.validation, K=50)["recall"]
+            if recall > best:
+                best, best_state, stale, self.epochs_ = recall, copy.deepcopy(self.model), 0, epoch
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        if best_state is not None:
+            self.model = best_state
+        return self
+
+    def scores(self, userids: np.ndarray, user_rows: sp.csr_matrix) -> np.ndarray:
+        m = self.model
+        return m.user_embeddings[userids] @ m.item_embeddings.T + m.item_biases[None, :] + m.user_biases[userids, None]
+
+
+def implicit_model(kind: str, threads: int, seed: int, **params: Any) -> Any:
+    import implicit
+
+    if kind == "als":
+        return implicit.cpu.als.AlternatingLeastSquares(num_threads=threads, random_state=seed, **params)
+    return implicit.cpu.bpr.BayesianPersonalizedRanking(num_threads=threads, random_state=seed, **params)
+
+
+def fit_baseline(family: str, split: datasets.Split, params: dict[str, Any], threads: int, seed: int) -> Any:
+    train = split.train
+    if family == "popularity":
+        return baselines.Popularity().fit(train)
+    if family == "ease":
+        return baselines.EASE(**params).fit(train)
+    if family == "rp3beta":
+        return baselines.RP3beta(**params).fit(train)
+    if family == "lightfm":
+        return LightFMWarp(**params, seed=seed, threads=threads, validation=split.validation).fit(train)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):  # implicit's own threads do the work
+        model = implicit_model("als" if family == "wrmf" else "bpr", threads, seed, **params)
+        model.fit(train, show_progress=False)
+    return model
+
+
+# Starting grids; a numeric setting whose best value is on an edge is extended
+# by the grid's own step until the best is inside (within the hard bounds).
+# Embedding models get CML's dimension (r = 100), so the comparison is at one size.
+GRIDS: dict[str, dict[str, list]] = {
+    "popularity": {},
+    "ease": {"regularization": [50.0, 200.0, 800.0, 3200.0]},
+    "rp3beta": {"alpha": [0.5, 1.0], "beta": [0.0, 0.3, 0.6], "top_k": [50, 200], "normalize": [True, False]},
+    "wrmf": {
+        "factors": [100],
+        "regularization": [1.0, 10.0, 100.0],
+        "alpha": [5.0, 20.0, 80.0],
+        "iterations": [15, 30],
+    },
+    "bpr": {
+        "factors": [100],
+        "learning_rate": [0.01, 0.05],
+        "regularization": [0.0001, 0.001, 0.01],
+        "iterations": [100, 300],
+    },
+    # Epochs: chosen on validation inside each fit (see LightFMWarp).
+    "lightfm": {"no_components": [100], "learning_rate": [0.02, 0.05, 0.1], "item_alpha": [0.0, 1e-6]},
+}
+BOUNDS: dict[str, tuple[float, float]] = {
+    "regularization": (1e-6, 1e6),
+    "alpha": (0.0, 1e4),
+    "beta": (0.0, 2.0),
+    "top_k": (5, 2000),
+    "learning_rate": (1e-4, 1.0),
+    "epochs": (5, 400),
+    "iterations": (5, 1000),
+    "item_alpha": (0.0, 1e-2),
+    "factors": (16, 512),
+    "no_components": (16, 512),
+}
+
+
+def _beyond(values: list, best: Any, name: str) -> Any | None:
+    """The next grid value past ``best`` when it is the grid's smallest or largest, else None."""
+    numeric = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if len(numeric) < 2 or best not in (numeric[0], numeric[-1]):
+        return None
+    low, high = BOUNDS.get(name, (-np.inf, np.inf))
+    if best == numeric[-1]:
+        step = numeric[-1] / numeric[-2] if numeric[-2] > 0 else numeric[-1] - numeric[-2]
+        value = best * step if numeric[-2] > 0 else best + step
+        if value > high:
+            return None
+    else:
+        if numeric[0] == 0:
+            return None  # zero is a natural floor (no penalty, no exponent)
+        step = numeric[1] / numeric[0]
+        value = best / step
+        if value < low:
+            return None
+    return type(best)(round(value)) if isinstance(best, int) else value
+
+
+def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[str, Any]:
+    """Grid search on validation recall@50 with edge extension; the best model is kept."""
+    grid = {k: list(v) for k, v in GRIDS[family].items()}
+    tried: dict[str, dict[str, Any]] = {}
+    best: dict[str, Any] | None = None
+
+    def evaluate(params: dict[str, Any]) -> None:
+        nonlocal best
+        key = json.dumps(params, sort_keys=True)
+        if key in tried:
+            return
+        start = time.perf_counter()
+        model = fit_baseline(family, split, params, threads, seed)
+        seconds = time.perf_counter() - start
+        valid = evaluation.ranking_metrics_at_k(model, split.train, split.validation, K=50)["recall"]
+        tried[key] = {"params": params, "validation_recall@50": valid, "fit_seconds": seconds}
+        print(f"    {family} {params}: validation recall@50 {valid:.4f} ({seconds:.1f}s)", flush=True)
+        if best is None or valid > best["validation"]:
+            best = {"params": params, "validation": valid, "model": model, "fit_seconds": seconds}
+
+    for values in itertools.product(*grid.values()):
+        evaluate(dict(zip(grid, values)))
+    for _ in range(6):  # push edges outward until the best is inside every grid
+        assert best is not None
+        moved = False
+        for name, values in grid.items():
+            value = _beyond(values, best["params"][name], name)
+            if value is not None and value not in values:
+                values.append(value)
+                evaluate({**best["params"], name: value})
+                moved = True
+        if not moved:
+            break
+    assert best is not None
+    edges = [n for n, v in grid.items() if _beyond(v, best["params"][n], n) is not None]
+    return {**best, "grid": grid, "trials": list(tried.values()), "still_on_edge": edges}
+
+
+# CML variants: the package defaults, and options measured against them.
+CML_VARIANTS: dict[str, dict[str, Any]] = {
+    "cml": {},
+}
+
+
+def fit_cml(variant: str, split: datasets.Split, threads: int, seed: int) -> dict[str, Any]:
+    options = {"num_threads": threads, "random_state": seed, **CML_VARIANTS[variant]}
+    model = cml_rs.CML(**options)
+    start = time.perf_counter()
+    model.fit(split.train, validation=split.validation if split.validation.nnz else None, show_progress=False)
+    return {
+        "model": model,
+        "params": options,
+        "fit_seconds": time.perf_counter() - start,
+        "epochs": len(model.history_),
+        "best_epoch": model.best_epoch_,
+    }
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+def job_path(dataset: str, seed: int, model: str) -> Path:
+    return PANEL_DIR / f"{dataset}__seed{seed}__{model}"
+
+
+def run_job(dataset: str, seed: int, model: str, split: datasets.Split, threads: int) -> None:
+    path = job_path(dataset, seed, model)
+    if path.with_suffix(".json").exists():
+        print(f"  {model}: done already", flush=True)
+        return
+    print(f"  {model} ...", flush=True)
+    result = fit_cml(model, split, threads, seed) if model in CML_VARIANTS else tune(model, split, threads, seed)
+    if model == "lightfm":
+        result["params"] = {**result["params"], "epochs (on validation)": result["model"].epochs_}
+    exclude = split.validation if split.validation.nnz else None
+    per_user: dict[str, np.ndarray] = {}
+    summary: dict[str, float] = {}
+    for k in CUTOFFS:
+        metrics = evaluation.ranking_metrics_at_k(result["model"], split.train, split.test, K=k, exclude=exclude)
+        per_user["user"] = metrics.per_user["user"]
+        for name in ("recall", "ndcg"):
+            per_user[f"{name}@{k}"] = metrics.per_user[name]
+            summary[f"{name}@{k}"] = metrics[name]
+    PANEL_DIR.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path.with_suffix(".npz"), **per_user)
+    record = {k: v for k, v in result.items() if k != "model"}
+    record.update(dataset=dataset, seed=seed, model=model, test=summary, split=split.fingerprint())
+    path.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    print(f"  {model}: test recall@50 {summary['recall@50']:.4f}, recall@100 {summary['recall@100']:.4f}", flush=True)
+
+
+# ---------------------------------------------------------------------- report
+
+
+def load_results() -> dict[tuple[str, int, str], dict[str, Any]]:
+    results = {}
+    for path in sorted(PANEL_DIR.glob("*.json")):
+        record = json.loads(path.read_text())
+        with np.load(path.with_suffix(".npz")) as arrays:
+            record["per_user"] = {name: arrays[name] for name in arrays.files}
+        results[(record["dataset"], record["seed"], record["model"])] = record
+    return results
+
+
+def report(metric: str = "recall@50", reference: str = "cml") -> str:
+    """Mean and spread over seeds per data set and model, and CML's paired test against each,
+    the per-user values of all seeds pooled (users of different seeds are distinct pairs)."""
+    results = load_results()
+    names = sorted({d for d, _, _ in results}, key=lambda d: DATASETS.index(d) if d in DATASETS else 99)
+    lines = []
+    for dataset in names:
+        models = sorted({m for d, _, m in results if d == dataset})
+        seeds = sorted({s for d, s, _ in results if d == dataset})
+        lines.append(f"\n**{dataset}** ({len(seeds)} split seed(s): {', '.join(map(str, seeds))}); {metric}\n")
+        lines.append(
+            "| model | mean | std over seeds | per seed | vs "
+            + reference
+            + ": mean diff | Wilcoxon p | settings (seed 0) |"
+        )
+        lines.append("|---|---|---|---|---|---|---|")
+        rows = []
+        for model in models:
+            values = [results[(dataset, s, model)]["test"][metric] for s in seeds if (dataset, s, model) in results]
+            diff, p = "", ""
+            if model != reference and all((dataset, s, reference) in results for s in seeds):
+                a = [results[(dataset, s, reference)] for s in seeds if (dataset, s, model) in results]
+                b = [results[(dataset, s, model)] for s in seeds if (dataset, s, model) in results]
+                pooled_a = np.concatenate([r["per_user"][metric] for r in a])
+                pooled_b = np.concatenate([r["per_user"][metric] for r in b])
+                from scipy import stats
+
+                d = pooled_a - pooled_b
+                diff = f"{d.mean():+.4f}"
+                p = f"{stats.wilcoxon(pooled_a, pooled_b).pvalue:.2g}" if np.any(d != 0) else "1"
+            first = results.get((dataset, seeds[0], model), {})
+            settings = {k: v for k, v in first.get("params", {}).items() if k not in ("num_threads", "random_state")}
+            edge = first.get("still_on_edge") or []
+            rows.append(
+                (
+                    -np.mean(values),
+                    f"| {model} | {np.mean(values):.4f} | {np.std(values):.4f} | "
+                    + ", ".join(f"{v:.4f}" for v in values)
+                    + f" | {diff} | {p} | {settings}{' (edge: ' + ', '.join(edge) + ')' if edge else ''} |",
+                )
+            )
+        lines += [row for _, row in sorted(rows)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["ml-100k"], choices=DATASETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--models", nargs="+", default=["popularity", "ease", "rp3beta", "wrmf", "bpr", "lightfm", "cml"]
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="print the tables of what is stored and exit")
+    parser.add_argument("--metric", default="recall@50")
+    args = parser.parse_args()
+    if args.report:
+        print(f"{time.strftime('%Y-%m-%d')}; {machine()}\n")
+        print(report(args.metric))
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            models = args.models
+            if dataset == "gowalla" and seed != args.seeds[0]:
+                # One published split: the seed only reseeds the models, so only
+                # CML (whose spread over seeds is reported) runs more than once.
+                models = [m for m in models if m in CML_VARIANTS]
+            if not models:
+                continue
+            split = load_split(dataset, seed)
+            print(f"== {dataset}, seed {seed}: {split.train.nnz:,} train pairs", flush=True)
+            for model in models:
+                run_job(dataset, seed, model, split, args.threads)
+
+
+if __name__ == "__main__":
+    main()
