@@ -2,6 +2,7 @@
 //! exact top-K. Throughput is reported per triple / per query so runs on
 //! different sizes compare. Run: `cargo bench -p cml-core`.
 
+use cml_core::csr::Filter;
 use cml_core::rng::Rng;
 use cml_core::topk::{sqdist_matrix, topk_l2};
 use cml_core::vectors::Vectors;
@@ -101,7 +102,7 @@ fn topk(c: &mut Criterion) {
             group.bench_with_input(
                 BenchmarkId::new(format!("k50_items{n_items}"), format!("{threads}t")),
                 &threads,
-                |b, &t| b.iter(|| black_box(topk_l2(q, x, 50, None, t).unwrap())),
+                |b, &t| b.iter(|| black_box(topk_l2(q, x, 50, Filter::default(), t).unwrap())),
             );
         }
     }

@@ -231,6 +231,53 @@ fn canonical_row(ids: &mut Vec<u32>, values: &mut Vec<f32>, start: usize, with_v
     }
 }
 
+/// What a search must skip: per query, the ids of its row of `rows` (the items
+/// a user has seen); for every query, the sorted `ids` (items nobody may get).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Filter<'a> {
+    pub rows: Option<&'a Csr>,
+    pub ids: &'a [u32],
+}
+
+impl<'a> Filter<'a> {
+    /// Skips row `query` of `rows`, when given.
+    pub fn rows(rows: Option<&'a Csr>) -> Filter<'a> {
+        Filter { rows, ids: &[] }
+    }
+
+    /// Whether `query` must not get `id`.
+    #[inline]
+    pub fn skips(&self, query: usize, id: u32) -> bool {
+        self.rows.is_some_and(|e| e.contains(query, id))
+            || (!self.ids.is_empty() && self.ids.binary_search(&id).is_ok())
+    }
+
+    /// Whether nothing is skipped.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_none() && self.ids.is_empty()
+    }
+
+    /// Checks the filter of a search of `n_queries` queries: one row of `rows`
+    /// per query and, where ids are positions (`n_items` given), no id beyond
+    /// the items; `ids` strictly increasing.
+    pub fn check(&self, n_queries: usize, n_items: Option<usize>) -> Result<()> {
+        check_exclusions(self.rows, n_queries, n_items)?;
+        if !self.ids.windows(2).all(|w| w[0] < w[1]) {
+            return Err(CoreError::invalid(
+                "exclude_ids must be sorted and unique (the binding passes them so)",
+            ));
+        }
+        if let (Some(n), Some(&last)) = (n_items, self.ids.last()) {
+            if last as usize >= n {
+                return Err(CoreError::out_of_range(format!(
+                    "exclude_ids holds id {last}, but there are only {n} items"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks an `exclude` matrix of a search: one row of excluded ids per query
 /// and, where ids are positions (`n_items` given), no column beyond the items.
 pub fn check_exclusions(

@@ -14,10 +14,11 @@
 //! - [`rng`], [`parallel`]: seeded streams and thread pools that keep results
 //!   independent of the thread count.
 //!
-//! The modules form a stack without cycles: `rng`, `parallel`, `error`, `csr`
-//! and `vectors` at the bottom, then `kernel`, then `topk` and `rank`, then
+//! The modules form a stack without cycles: `rng`, `parallel`, `error`,
+//! `alloc`, `csr` and `vectors` at the bottom, then `kernel`, then `topk` and `rank`, then
 //! `lsh` and `sampler`.
 
+pub mod alloc;
 pub mod csr;
 pub mod error;
 pub mod kernel;

@@ -1,29 +1,47 @@
 //! Thread pools sized by the caller, safe across `fork`.
 //!
-//! Each distinct thread count gets one rayon pool, built on first use and then
-//! reused. rayon's global pool is never touched, so `num_threads` is honoured
-//! exactly. A pool remembers the process id it was built in: after a `fork`
+//! Each thread count gets one rayon pool, built on first use and then reused;
+//! only the [`CACHED_POOLS`] most recently used are kept, so a caller cycling
+//! through thread counts does not pile up idle threads (a dropped pool's
+//! threads end once its last task has). rayon's global pool is never touched,
+//! so `num_threads` is honoured exactly, up to [`MAX_THREADS`]. A pool remembers the process id it was built in: after a `fork`
 //! (torch DataLoader workers) the child finds the id changed, and since its
 //! copy of the pool has no threads behind it, it builds fresh pools and leaks
 //! the dead ones (dropping them would signal threads that do not exist).
 //! Results never depend on the pool size: callers seed per unit of work.
 
+use crate::error::{CoreError, Result};
 use rayon::{ThreadPool, ThreadPoolBuilder};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// The most threads a call may ask for; more is a mistake, not a machine.
+pub const MAX_THREADS: usize = 1024;
+/// Pools kept for reuse, most recently used first.
+pub const CACHED_POOLS: usize = 4;
+
+/// Checks a user-facing thread count: 0 (all cores) up to [`MAX_THREADS`].
+pub fn check_threads(num_threads: usize) -> Result<usize> {
+    if num_threads > MAX_THREADS {
+        return Err(CoreError::invalid(format!(
+            "num_threads must be at most {MAX_THREADS} (0 means all cores), got {num_threads}"
+        )));
+    }
+    Ok(num_threads)
+}
 
 /// Resolves the user-facing thread count: 0 means all available cores.
 pub fn resolve_threads(num_threads: usize) -> usize {
     if num_threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
-        num_threads
+        num_threads.min(MAX_THREADS)
     }
 }
 
 struct PoolCache {
     pid: u32,
-    pools: HashMap<usize, Arc<ThreadPool>>,
+    /// (threads, pool), most recently used first.
+    pools: Vec<(usize, Arc<ThreadPool>)>,
 }
 
 fn cache() -> &'static Mutex<PoolCache> {
@@ -31,7 +49,7 @@ fn cache() -> &'static Mutex<PoolCache> {
     CACHE.get_or_init(|| {
         Mutex::new(PoolCache {
             pid: std::process::id(),
-            pools: HashMap::new(),
+            pools: Vec::new(),
         })
     })
 }
@@ -48,19 +66,19 @@ pub fn pool(num_threads: usize) -> Arc<ThreadPool> {
         std::mem::forget(dead);
         cache.pid = pid;
     }
-    cache
-        .pools
-        .entry(threads)
-        .or_insert_with(|| {
-            Arc::new(
-                ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("cml-rs-{i}"))
-                    .build()
-                    .expect("the OS refused to start worker threads"),
-            )
-        })
-        .clone()
+    let pool = match cache.pools.iter().position(|(n, _)| *n == threads) {
+        Some(at) => cache.pools.remove(at).1,
+        None => Arc::new(
+            ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("cml-rs-{i}"))
+                .build()
+                .expect("the OS refused to start worker threads"),
+        ),
+    };
+    cache.pools.insert(0, (threads, Arc::clone(&pool)));
+    cache.pools.truncate(CACHED_POOLS);
+    pool
 }
 
 /// Maps `f` over task indices `0..n_tasks`, in the pool for `num_threads`, or
@@ -113,4 +131,23 @@ pub fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without message".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_counts_are_bounded_and_pools_are_not_hoarded() {
+        assert!(check_threads(MAX_THREADS + 1)
+            .unwrap_err()
+            .to_string()
+            .contains("num_threads must be at most 1024"));
+        for threads in 1..=10 {
+            assert_eq!(pool(threads).current_num_threads(), threads);
+        }
+        let cache = cache().lock().unwrap();
+        assert_eq!(cache.pools.len(), CACHED_POOLS);
+        assert_eq!(cache.pools[0].0, 10, "most recent first");
+    }
 }

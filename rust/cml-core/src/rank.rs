@@ -145,7 +145,8 @@ pub fn row_weight(pos: f32, neg: &[f32], margin: f32, n_items: u64) -> (f32, i64
             hardest = u;
         }
     }
-    let rank = n_items * impostors / neg.len() as u64;
+    // In 128 bits: J * M overflows 64 bits for catalogues beyond 2^59 items.
+    let rank = n_items as u128 * impostors as u128 / neg.len() as u128;
     (((rank + 1) as f64).ln() as f32, hardest as i64)
 }
 

@@ -56,12 +56,24 @@ const SERIAL_DRAWS: usize = 1 << 15;
 
 /// Most batches a stream may prepare ahead of its consumer.
 pub const MAX_PREFETCH: usize = 1024;
+/// Most negatives one batch may hold (2 GiB of ids).
+pub const MAX_BATCH_DRAWS: usize = 1 << 28;
+/// Most negatives a stream may hold in the batches it prepares ahead (8 GiB).
+pub const MAX_PREFETCH_DRAWS: usize = 1 << 30;
 
-/// Checks how many batches a [`BatchStream`] may prepare ahead.
-pub fn check_prefetch(prefetch: usize) -> Result<()> {
+/// Checks how many batches a [`BatchStream`] of `sampler` may prepare ahead:
+/// at most [`MAX_PREFETCH`], and their negatives within [`MAX_PREFETCH_DRAWS`].
+pub fn check_prefetch(prefetch: usize, sampler: &WarpSampler) -> Result<()> {
     if !(1..=MAX_PREFETCH).contains(&prefetch) {
         return Err(CoreError::invalid(format!(
             "prefetch must be between 1 and {MAX_PREFETCH} batches, got {prefetch}"
+        )));
+    }
+    let draws = sampler.batch_draws();
+    if (prefetch + 1).saturating_mul(draws) > MAX_PREFETCH_DRAWS {
+        return Err(CoreError::invalid(format!(
+            "prefetch {prefetch} batches of {draws} negatives each would hold more than {MAX_PREFETCH_DRAWS} \
+             negatives in memory; lower prefetch, batch_size or n_negatives"
         )));
     }
     Ok(())
@@ -136,12 +148,25 @@ impl WarpSampler {
                 u32::MAX - 1
             )));
         }
+        let draws = config
+            .batch_size
+            .min(positives.nnz())
+            .saturating_mul(config.n_negatives);
+        if draws > MAX_BATCH_DRAWS {
+            return Err(CoreError::invalid(format!(
+                "a batch would hold {} pairs x {} negatives = {draws} negatives, more than {MAX_BATCH_DRAWS}; \
+                 lower batch_size or n_negatives",
+                config.batch_size.min(positives.nnz()),
+                config.n_negatives
+            )));
+        }
         if config.check_negative {
             if let Some(user) = (0..positives.n_rows()).find(|&u| positives.row(u).len() == n_items)
             {
                 return Err(CoreError::invalid(format!(
                     "user {user} has all {n_items} items as positives, so no item can be its negative; \
-                     drop this user from user_items or pass check_negative=False"
+                     drop this user from user_items (a WarpSampler of your own may instead pass \
+                     check_negative=False)"
                 )));
             }
         }
@@ -215,6 +240,11 @@ impl WarpSampler {
 
     pub fn n_pairs(&self) -> usize {
         self.pair_users.len()
+    }
+
+    /// Negatives in a full batch: `min(batch_size, n_pairs) * n_negatives`.
+    pub fn batch_draws(&self) -> usize {
+        self.config.batch_size.min(self.n_pairs()) * self.config.n_negatives
     }
 
     /// Batches per epoch, the last partial one included.
@@ -736,10 +766,21 @@ mod tests {
         assert!(err
             .to_string()
             .contains("n_negatives must be at least 1, got 0"));
+        let small = WarpSampler::new(Csr::from_rows(3, &[vec![0]]).unwrap(), base.clone()).unwrap();
         for bad in [0, MAX_PREFETCH + 1] {
-            let err = check_prefetch(bad).unwrap_err().to_string();
+            let err = check_prefetch(bad, &small).unwrap_err().to_string();
             assert!(err.contains("prefetch must be between 1 and 1024"), "{err}");
         }
+        let huge = SamplerConfig {
+            n_negatives: MAX_BATCH_DRAWS,
+            ..base.clone()
+        };
+        let err =
+            WarpSampler::new(Csr::from_rows(3, &[vec![0], vec![1]]).unwrap(), huge).unwrap_err();
+        assert!(
+            err.to_string().contains("2 pairs x 268435456 negatives"),
+            "{err}"
+        );
         let empty = Csr::from_rows(3, &[vec![], vec![]]).unwrap();
         let err = WarpSampler::new(empty, base).unwrap_err();
         assert!(err.to_string().contains("no interactions"));

@@ -15,7 +15,8 @@
 //! eligible items: the row is padded with id -1 and distance +inf.
 //! Cost: 2 * Q * N * dim flops plus O(Q * k * (log k + dim)).
 
-use crate::csr::{check_exclusions, Csr};
+use crate::alloc;
+use crate::csr::Filter;
 use crate::error::{CoreError, Result};
 use crate::kernel::{self, Kernel, MAX_MR, MAX_TILE};
 use crate::parallel;
@@ -135,7 +136,7 @@ fn scan(
     items: Vectors,
     item_range: Range<usize>,
     k: usize,
-    exclude: Option<&Csr>,
+    filter: Filter,
 ) -> Vec<Vec<(f32, u32)>> {
     let nr = kernel.nr;
     let n_local = query_range.len();
@@ -171,7 +172,7 @@ fn scan(
                     let lane = mask.trailing_zeros() as usize;
                     mask &= mask - 1;
                     let local = panel * nr + lane;
-                    if exclude.is_some_and(|e| e.contains(query_range.start + local, item)) {
+                    if filter.skips(query_range.start + local, item) {
                         continue;
                     }
                     tops[local].push(scores[i * nr + lane], item);
@@ -183,15 +184,17 @@ fn scan(
     tops.into_iter().map(TopK::into_sorted).collect()
 }
 
-/// The `k` items nearest to each query (exact), nearest first.
+/// The `k` items nearest to each query (exact), nearest first, skipping what
+/// `filter` says. The result has `min(k, n_items)` columns: a row can never
+/// hold more items than there are.
 pub fn topk_l2(
     queries: Vectors,
     items: Vectors,
     k: usize,
-    exclude: Option<&Csr>,
+    filter: Filter,
     num_threads: usize,
 ) -> Result<Neighbours> {
-    topk_l2_with(&kernel::best(), queries, items, k, exclude, num_threads)
+    topk_l2_with(&kernel::best(), queries, items, k, filter, num_threads)
 }
 
 /// [`topk_l2`] with an explicit micro-kernel (tests compare the variants).
@@ -200,7 +203,7 @@ pub fn topk_l2_with(
     queries: Vectors,
     items: Vectors,
     k: usize,
-    exclude: Option<&Csr>,
+    filter: Filter,
     num_threads: usize,
 ) -> Result<Neighbours> {
     queries.expect_dim("queries", items.dim, "the item dimension")?;
@@ -219,20 +222,25 @@ pub fn topk_l2_with(
             u32::MAX
         )));
     }
-    check_exclusions(exclude, n_queries, Some(n_items))?;
-    queries.check_finite("queries")?;
-    items.check_finite("items")?;
+    filter.check(n_queries, Some(n_items))?;
+    queries.check_values("queries")?;
+    items.check_values("items")?;
+    let k = k.min(n_items);
+    let mut ids = alloc::filled(
+        alloc::product(n_queries, k, "the result")?,
+        -1i64,
+        "the result's ids",
+    )?;
+    let mut sqdist = alloc::filled(ids.len(), f32::INFINITY, "the result's distances")?;
     let plan = plan(n_queries, n_items, queries.dim, kernel.nr, num_threads);
     let n_tasks = plan.n_chunks * plan.splits;
     let partial = parallel::map_tasks(num_threads, plan.serial, n_tasks, |task| {
         let (chunk, split) = (task / plan.splits, task % plan.splits);
         let query_range = (chunk * plan.chunk)..((chunk + 1) * plan.chunk).min(n_queries);
         let item_range = split_range(n_items, plan.splits, split);
-        scan(kernel, queries, query_range, items, item_range, k, exclude)
+        scan(kernel, queries, query_range, items, item_range, k, filter)
     });
 
-    let mut ids = vec![-1i64; n_queries * k];
-    let mut sqdist = vec![f32::INFINITY; n_queries * k];
     let mut rows: Vec<(&mut [i64], &mut [f32])> =
         ids.chunks_mut(k).zip(sqdist.chunks_mut(k)).collect();
     parallel::for_each_chunk_mut(
@@ -277,13 +285,20 @@ pub fn topk_l2_with(
 /// shared by all threads); each thread fills a contiguous range of rows.
 pub fn sqdist_matrix(queries: Vectors, items: Vectors, num_threads: usize) -> Result<Vec<f32>> {
     queries.expect_dim("queries", items.dim, "the item dimension")?;
-    queries.check_finite("queries")?;
-    items.check_finite("items")?;
+    queries.check_values("queries")?;
+    items.check_values("items")?;
     let kernel = kernel::best();
     let (n_queries, n_items, nr, dim) = (queries.len(), items.len(), kernel.nr, items.dim);
-    let len = n_queries * n_items;
+    let what = format!("a {n_queries} x {n_items} distance matrix");
+    let advice = |error: CoreError| match error {
+        CoreError::Memory(m) => CoreError::memory(format!(
+            "{m}; use topk_l2 when only the nearest items matter"
+        )),
+        other => other,
+    };
+    let len = alloc::product(n_queries, n_items, &what).map_err(advice)?;
     // Every element is written below, so the matrix is not zero-filled first.
-    let mut out = uninit_matrix(len);
+    let mut out = uninit_matrix(len, &what).map_err(advice)?;
     if len == 0 {
         return Ok(out);
     }
@@ -361,8 +376,8 @@ pub fn sqdist_matrix(queries: Vectors, items: Vectors, num_threads: usize) -> Re
 /// An empty vector with room for `len` floats. Large ones are backed by huge
 /// pages where Linux allows it (as numpy does for its arrays): first touching
 /// hundreds of MB page by page costs more than the distances written into it.
-fn uninit_matrix(len: usize) -> Vec<f32> {
-    let out: Vec<f32> = Vec::with_capacity(len);
+fn uninit_matrix(len: usize, what: &str) -> Result<Vec<f32>> {
+    let out: Vec<f32> = alloc::reserve(len, what)?;
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;
@@ -382,12 +397,13 @@ fn uninit_matrix(len: usize) -> Vec<f32> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::csr::Csr;
     use crate::rng::Rng;
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -443,8 +459,15 @@ mod tests {
         for kernel in [kernel::best(), kernel::scalar()] {
             for threads in [1, 3] {
                 for k in [1, 10, 250] {
-                    let got =
-                        topk_l2_with(&kernel, queries, items, k, Some(&exclude), threads).unwrap();
+                    let got = topk_l2_with(
+                        &kernel,
+                        queries,
+                        items,
+                        k,
+                        Filter::rows(Some(&exclude)),
+                        threads,
+                    )
+                    .unwrap();
                     let want = naive(queries, items, k, Some(&exclude));
                     for (qi, want_row) in want.iter().enumerate() {
                         for slot in 0..k {
@@ -475,8 +498,8 @@ mod tests {
             Vectors::new("v", &q, dim).unwrap(),
             Vectors::new("v", &x, dim).unwrap(),
         );
-        let one = topk_l2(queries, items, 7, None, 1).unwrap();
-        let many = topk_l2(queries, items, 7, None, 8).unwrap();
+        let one = topk_l2(queries, items, 7, Filter::default(), 1).unwrap();
+        let many = topk_l2(queries, items, 7, Filter::default(), 8).unwrap();
         assert_eq!(one, many);
     }
 
@@ -511,21 +534,34 @@ mod tests {
         let queries = Vectors::new("queries", &q, 2).unwrap();
         let items3 = Vectors::new("items", &x, 3).unwrap();
         let message = |r: Result<Neighbours>| r.unwrap_err().to_string();
-        assert!(message(topk_l2(queries, items3, 1, None, 1))
+        assert!(message(topk_l2(queries, items3, 1, Filter::default(), 1))
             .contains("queries must have 3 columns (the item dimension), got 2"));
         let items2 = Vectors::new("items", &x, 2).unwrap();
-        assert!(message(topk_l2(queries, items2, 0, None, 1)).contains("k must be at least 1"));
+        assert!(message(topk_l2(queries, items2, 0, Filter::default(), 1))
+            .contains("k must be at least 1"));
         let none = Vectors::new("items", &[], 2).unwrap();
-        assert!(message(topk_l2(queries, none, 1, None, 1)).contains("nothing to search"));
+        assert!(
+            message(topk_l2(queries, none, 1, Filter::default(), 1)).contains("nothing to search")
+        );
         let wrong_rows = Csr::from_rows(3, &[vec![0]]).unwrap();
-        assert!(message(topk_l2(queries, items2, 1, Some(&wrong_rows), 1))
-            .contains("exclude has 1 rows but there are 2 queries"));
+        assert!(message(topk_l2(
+            queries,
+            items2,
+            1,
+            Filter::rows(Some(&wrong_rows)),
+            1
+        ))
+        .contains("exclude has 1 rows but there are 2 queries"));
         let wide = Csr::from_rows(9, &[vec![0], vec![8]]).unwrap();
-        assert!(message(topk_l2(queries, items2, 1, Some(&wide), 1))
-            .contains("exclude has 9 columns but there are only 3 items"));
+        assert!(
+            message(topk_l2(queries, items2, 1, Filter::rows(Some(&wide)), 1))
+                .contains("exclude has 9 columns but there are only 3 items")
+        );
         let nan = [0.0, f32::NAN, 1.0, 2.0];
         let bad = Vectors::new("queries", &nan, 2).unwrap();
-        assert!(message(topk_l2(bad, items2, 1, None, 1)).contains("queries[0, 1] is NaN"));
+        assert!(
+            message(topk_l2(bad, items2, 1, Filter::default(), 1)).contains("queries[0, 1] is NaN")
+        );
         let err = sqdist_matrix(queries, bad, 1).unwrap_err().to_string();
         assert!(err.contains("items[0, 1] is NaN"), "{err}");
     }

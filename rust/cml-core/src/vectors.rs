@@ -56,6 +56,22 @@ impl<'a> Vectors<'a> {
         Ok(())
     }
 
+    /// Fails unless every value is finite and small enough for squared distances
+    /// between such vectors to stay finite in f32 (rescale the vectors if not).
+    pub fn check_values(&self, name: &str) -> Result<()> {
+        self.check_finite(name)?;
+        let largest = self.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let limit = max_magnitude(self.dim);
+        if largest > limit {
+            return Err(CoreError::invalid(format!(
+                "{name} holds a value of magnitude {largest:e}; squared distances between vectors of {} \
+                 dimensions overflow float32 above {limit:e}, so rescale the vectors",
+                self.dim
+            )));
+        }
+        Ok(())
+    }
+
     /// Fails on the first NaN or infinity, naming `name[row, column]`.
     pub fn check_finite(&self, name: &str) -> Result<()> {
         match self.data.iter().position(|v| !v.is_finite()) {
@@ -68,6 +84,12 @@ impl<'a> Vectors<'a> {
             ))),
         }
     }
+}
+
+/// The largest coordinate magnitude for which `dim` * (2 x)^2, the largest
+/// squared distance two such vectors can have, stays below f32::MAX.
+pub fn max_magnitude(dim: usize) -> f32 {
+    ((f32::MAX as f64 / (4.0 * dim.max(1) as f64)).sqrt() * 0.999) as f32
 }
 
 /// Orders (score, id) pairs: by score, then by id, so ties resolve the same

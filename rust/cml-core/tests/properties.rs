@@ -2,6 +2,7 @@
 //! positive as a negative and covers every pair once per epoch, whatever the
 //! thread count; the kernels equal naive references.
 
+use cml_core::csr::Filter;
 use cml_core::lsh::{LshIndex, LshParams};
 use cml_core::rank::rank_weights;
 use cml_core::topk::{sqdist_matrix, topk_l2};
@@ -76,7 +77,7 @@ proptest! {
             .map(|r| (0..xv.len() as u32).filter(|j| (exclude_seed >> ((j + r as u32) % 60)) & 1 == 1).collect())
             .collect();
         let exclude = Csr::from_rows(xv.len(), &rows).unwrap();
-        let found = topk_l2(qv, xv, k, Some(&exclude), threads).unwrap();
+        let found = topk_l2(qv, xv, k, Filter::rows(Some(&exclude)), threads).unwrap();
         for (r, excluded) in rows.iter().enumerate() {
             let mut all: Vec<(f64, i64)> = (0..xv.len())
                 .filter(|j| !excluded.contains(&(*j as u32)))
@@ -86,8 +87,10 @@ proptest! {
                 })
                 .collect();
             all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            for slot in 0..k {
-                let (id, d) = (found.ids[r * k + slot], found.sqdist[r * k + slot]);
+            prop_assert_eq!(found.k, k.min(xv.len()));
+            let width = found.k;
+            for slot in 0..width {
+                let (id, d) = (found.ids[r * width + slot], found.sqdist[r * width + slot]);
                 match all.get(slot) {
                     Some(&(want, _)) => {
                         prop_assert!(id >= 0 && !excluded.contains(&(id as u32)));
@@ -145,11 +148,13 @@ proptest! {
         let mut index = LshIndex::new(LshParams { dim: 6, n_tables: 4, n_hashes: 4, bucket_width: None, seed }).unwrap();
         let ids: Vec<i64> = (0..xv.len() as i64).map(|i| 1000 + 3 * i).collect();
         index.add(xv, &ids, 2).unwrap();
-        let found = index.query(qv, 8, Some(probes), None, None, 2).unwrap();
-        let again = index.query(qv, 8, Some(probes), None, None, 1).unwrap();
+        let found = index.query(qv, 8, Some(probes), None, Filter::default(), 2).unwrap();
+        let again = index.query(qv, 8, Some(probes), None, Filter::default(), 1).unwrap();
         prop_assert_eq!(&found, &again);
+        let width = found.k;
+        prop_assert_eq!(width, 8.min(xv.len()));
         for r in 0..qv.len() {
-            let row = &found.ids[r * 8..(r + 1) * 8];
+            let row = &found.ids[r * width..(r + 1) * width];
             let real: Vec<i64> = row.iter().copied().filter(|&i| i >= 0).collect();
             let mut unique = real.clone();
             unique.sort();
@@ -163,8 +168,55 @@ proptest! {
                 prop_assert!(id >= 1000 && (id - 1000) % 3 == 0);
                 let j = ((id - 1000) / 3) as usize;
                 let want: f64 = qv.row(r).iter().zip(xv.row(j)).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-                prop_assert!((found.sqdist[r * 8 + slot] as f64 - want).abs() < 1e-4 * want.max(1.0));
+                prop_assert!((found.sqdist[r * width + slot] as f64 - want).abs() < 1e-4 * want.max(1.0));
             }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The index file reader on damaged input: any flipped bytes, truncation or
+    /// rewritten header field gives an error or a working index, never a panic,
+    /// a hang or an allocation the file cannot justify.
+    #[test]
+    fn lsh_reader_survives_damaged_files(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        cut in any::<prop::sample::Index>(),
+        truncate in any::<bool>(),
+        field in 0usize..8,
+        value in prop_oneof![Just(0u64), Just(1), Just(u64::MAX), Just(1 << 40), any::<u64>()],
+        rewrite in any::<bool>(),
+        fix_checksum in any::<bool>(),
+    ) {
+        let dim = 4;
+        let data: Vec<f32> = (0..40 * dim).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut index = LshIndex::new(LshParams { dim, n_tables: 3, n_hashes: 4, bucket_width: None, seed: 1 }).unwrap();
+        let ids: Vec<i64> = (0..40).collect();
+        index.add(Vectors::new("v", &data, dim).unwrap(), &ids, 1).unwrap();
+        let mut bytes = index.to_bytes();
+        if rewrite {
+            let at = 12 + 8 * field.min(6);
+            bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        for (at, xor) in &flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= xor;
+        }
+        if truncate {
+            bytes.truncate(cut.index(bytes.len() + 1));
+        }
+        if fix_checksum && bytes.len() >= 4 {
+            // Damage that a valid checksum vouches for: only the content checks can catch it.
+            let body = bytes.len() - 4;
+            let crc = crc32fast::hash(&bytes[..body]);
+            bytes[body..].copy_from_slice(&crc.to_le_bytes());
+        }
+        if let Ok(loaded) = LshIndex::from_bytes(&bytes, 1) {
+            let q = Vectors::new("q", &data[..dim], dim).unwrap();
+            let found = loaded.query(q, 3, Some(8), None, Filter::default(), 1).unwrap();
+            prop_assert_eq!(found.k, 3.min(loaded.len()));
         }
     }
 }

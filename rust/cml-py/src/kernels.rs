@@ -1,6 +1,7 @@
 //! Binding of the stateless kernels: rank weights, exact top-K, pairwise distances.
 
 use crate::{detached, CsrArg, CsrParts, Int};
+use cml_core::csr::Filter;
 use cml_core::topk;
 use cml_core::vectors::{Neighbours, Vectors};
 use numpy::ndarray::Array2;
@@ -36,7 +37,7 @@ fn rank_weights<'py>(
     n_items: Int,
     num_threads: Int,
 ) -> PyResult<WeightArrays<'py>> {
-    let (n_items, threads) = (n_items.count("n_items")?, num_threads.count("num_threads")?);
+    let (n_items, threads) = (n_items.count("n_items")?, num_threads.threads()?);
     let pos = pos_dist
         .as_slice()
         .map_err(|_| PyValueError::new_err("pos_dist must be C-contiguous"))?;
@@ -64,7 +65,7 @@ fn rank_weights_by_id<'py>(
     n_items: Int,
     num_threads: Int,
 ) -> PyResult<WeightArrays<'py>> {
-    let (n_items, threads) = (n_items.count("n_items")?, num_threads.count("num_threads")?);
+    let (n_items, threads) = (n_items.count("n_items")?, num_threads.threads()?);
     let (a, t) = (vectors("anchors", &anchors)?, vectors("targets", &targets)?);
     let ids = negatives
         .as_slice()
@@ -89,11 +90,12 @@ pub(crate) fn neighbour_arrays(py: Python<'_>, found: Neighbours) -> NeighbourAr
 }
 
 /// Exact k nearest items of each query by squared L2 distance: `(ids, sqdist)`,
-/// each `(Q, k)`, nearest first, padded with -1 / +inf. `exclude` is
-/// `(indptr, indices, n_cols)` of a CSR matrix with one row per query.
+/// each `(Q, min(k, N))`, nearest first, padded with -1 / +inf. `exclude` is
+/// `(indptr, indices, n_cols)` of a CSR matrix with one row per query;
+/// `exclude_ids` (sorted, unique) are skipped for every query.
 #[pyfunction]
-#[pyo3(signature = (queries, items, k, exclude=None, num_threads=Int::ZERO),
-       text_signature = "(queries, items, k, exclude=None, num_threads=0)")]
+#[pyo3(signature = (queries, items, k, exclude=None, num_threads=Int::ZERO, exclude_ids=None),
+       text_signature = "(queries, items, k, exclude=None, num_threads=0, exclude_ids=None)")]
 fn topk_l2<'py>(
     py: Python<'py>,
     queries: PyReadonlyArray2<'py, f32>,
@@ -101,18 +103,37 @@ fn topk_l2<'py>(
     k: Int,
     exclude: Option<CsrArg<'py>>,
     num_threads: Int,
+    exclude_ids: Option<PyReadonlyArray1<'py, u32>>,
 ) -> PyResult<NeighbourArrays<'py>> {
-    let (k, threads) = (k.count("k")?, num_threads.count("num_threads")?);
+    let (k, threads) = (k.count("k")?, num_threads.threads()?);
     let (q, x) = (vectors("queries", &queries)?, vectors("items", &items)?);
     let exclude = exclude
         .as_ref()
         .map(|e| CsrParts::borrow("exclude", e))
         .transpose()?;
+    let banned = id_slice("exclude_ids", &exclude_ids)?;
     let found = detached(py, || {
         let exclude = exclude.as_ref().map(CsrParts::to_csr).transpose()?;
-        topk::topk_l2(q, x, k, exclude.as_ref(), threads)
+        let filter = Filter {
+            rows: exclude.as_ref(),
+            ids: banned,
+        };
+        topk::topk_l2(q, x, k, filter, threads)
     })?;
     Ok(neighbour_arrays(py, found))
+}
+
+/// The contents of an optional 1-D uint32 id array (empty when absent).
+pub(crate) fn id_slice<'a>(
+    name: &str,
+    ids: &'a Option<PyReadonlyArray1<'_, u32>>,
+) -> PyResult<&'a [u32]> {
+    match ids {
+        None => Ok(&[]),
+        Some(array) => array
+            .as_slice()
+            .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous"))),
+    }
 }
 
 /// All squared distances between `queries` (Q, d) and `items` (N, d), as (Q, N).
@@ -125,7 +146,7 @@ fn sqdist<'py>(
     items: PyReadonlyArray2<'py, f32>,
     num_threads: Int,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let threads = num_threads.count("num_threads")?;
+    let threads = num_threads.threads()?;
     let (q, x) = (vectors("queries", &queries)?, vectors("items", &items)?);
     let out = detached(py, || topk::sqdist_matrix(q, x, threads))?;
     Ok(Array2::from_shape_vec((q.len(), x.len()), out)

@@ -51,7 +51,14 @@ where
 /// that the conversion below can name the argument in its error: PyO3's own
 /// errors for a float or an out-of-range int do not say which argument it was.
 pub(crate) struct Int {
-    value: std::result::Result<i64, String>,
+    value: std::result::Result<i64, IntProblem>,
+}
+
+enum IntProblem {
+    /// Not an integer: the type's name.
+    NotInt(String),
+    /// An integer beyond i64: its repr.
+    OutOfRange(String),
 }
 
 impl<'a, 'py> FromPyObject<'a, 'py> for Int {
@@ -59,15 +66,13 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Int {
 
     fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
         let value = if obj.is_instance_of::<PyBool>() {
-            Err("bool".to_string())
+            Err(IntProblem::NotInt("bool".to_string()))
         } else if obj.is_instance_of::<PyInt>() || obj.hasattr("__index__")? {
-            match obj.extract::<i64>() {
-                Ok(v) => Ok(v),
-                // Beyond i64: keep the sign, the size speaks for itself.
-                Err(_) => Ok(if obj.lt(0)? { i64::MIN } else { i64::MAX }),
-            }
+            obj.extract::<i64>().map_err(|_| {
+                IntProblem::OutOfRange(obj.repr().map_or_else(|_| "?".into(), |r| r.to_string()))
+            })
         } else {
-            Err(obj.get_type().name()?.to_string())
+            Err(IntProblem::NotInt(obj.get_type().name()?.to_string()))
         };
         Ok(Int { value })
     }
@@ -84,9 +89,15 @@ impl Int {
     };
 
     fn integer(&self, name: &str) -> PyResult<i64> {
-        self.value.clone().map_err(|type_name| {
-            PyTypeError::new_err(format!("{name} must be an integer, got {type_name}"))
-        })
+        match &self.value {
+            Ok(v) => Ok(*v),
+            Err(IntProblem::NotInt(type_name)) => Err(PyTypeError::new_err(format!(
+                "{name} must be an integer, got {type_name}"
+            ))),
+            Err(IntProblem::OutOfRange(repr)) => Err(PyValueError::new_err(format!(
+                "{name} is {repr}, beyond what any size, count or seed here can be (-2**63 to 2**63 - 1)"
+            ))),
+        }
     }
 
     /// A count or size: a non-negative integer (the core checks its range).
@@ -94,8 +105,7 @@ impl Int {
         let value = self.integer(name)?;
         usize::try_from(value).map_err(|_| {
             PyValueError::new_err(format!(
-                "{name} must be a non-negative integer, got {}",
-                describe(value)
+                "{name} must be a non-negative integer, got {value}"
             ))
         })
     }
@@ -105,26 +115,46 @@ impl Int {
         self.count(name).map(|v| v as u64)
     }
 
+    /// A thread count: 0 (all cores) up to the core's maximum.
+    pub(crate) fn threads(&self) -> PyResult<usize> {
+        let threads = self.count("num_threads")?;
+        cml_core::parallel::check_threads(threads).map_err(to_py_err)
+    }
+
     /// A count where None means "the default".
     pub(crate) fn optional_count(value: &Option<Int>, name: &str) -> PyResult<Option<usize>> {
         value.as_ref().map(|v| v.count(name)).transpose()
     }
 }
 
-/// An integer for a message; the saturated ends stand for anything beyond.
-fn describe(value: i64) -> String {
-    match value {
-        i64::MIN => "a number below -2**63".to_string(),
-        i64::MAX => "a number of 2**63 or more".to_string(),
-        v => v.to_string(),
-    }
-}
-
 /// A 1-D integer array of either width scipy uses for CSR index arrays.
-#[derive(FromPyObject)]
 pub(crate) enum IdArray<'py> {
     I32(PyReadonlyArray1<'py, i32>),
     I64(PyReadonlyArray1<'py, i64>),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for IdArray<'py> {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(array) = obj.extract::<PyReadonlyArray1<'py, i32>>() {
+            return Ok(IdArray::I32(array));
+        }
+        if let Ok(array) = obj.extract::<PyReadonlyArray1<'py, i64>>() {
+            return Ok(IdArray::I64(array));
+        }
+        let described = obj
+            .getattr("dtype")
+            .and_then(|d| d.str().map(|s| s.to_string()))
+            .unwrap_or_else(|_| {
+                obj.get_type()
+                    .name()
+                    .map_or_else(|_| "?".into(), |n| n.to_string())
+            });
+        Err(PyTypeError::new_err(format!(
+            "CSR index arrays must be 1-D numpy arrays of int32 or int64, got {described}"
+        )))
+    }
 }
 
 /// The borrowed contents of an [`IdArray`] (Send, so it can cross `detach`).

@@ -1,8 +1,9 @@
 //! Binding of the LSH index. Queries share a read lock and run with the GIL
 //! released; adding vectors takes the write lock.
 
-use crate::kernels::{neighbour_arrays, vectors as borrow_vectors, NeighbourArrays};
+use crate::kernels::{id_slice, neighbour_arrays, vectors as borrow_vectors, NeighbourArrays};
 use crate::{detached, CsrArg, CsrParts, Int};
+use cml_core::csr::Filter;
 use cml_core::lsh::{LshIndex as CoreIndex, LshParams};
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
@@ -75,7 +76,7 @@ impl LshIndex {
         ids: PyReadonlyArray1<'_, i64>,
         num_threads: Int,
     ) -> PyResult<()> {
-        let threads = num_threads.count("num_threads")?;
+        let threads = num_threads.threads()?;
         let data = borrow_vectors("vectors", &vectors)?;
         let ids = ids
             .as_slice()
@@ -83,10 +84,11 @@ impl LshIndex {
         detached(py, || self.write().add(data, ids, threads))
     }
 
-    /// `(ids, sqdist)`, each (Q, k): the k nearest indexed vectors among the
-    /// candidates of `n_probes` probes over the first `n_tables` tables.
-    #[pyo3(signature = (queries, k, n_probes=None, n_tables=None, exclude=None, num_threads=Int::ZERO),
-       text_signature = "($self, queries, k, n_probes=None, n_tables=None, exclude=None, num_threads=0)")]
+    /// `(ids, sqdist)`, each (Q, min(k, len)): the k nearest indexed vectors
+    /// among the candidates of `n_probes` probes (at most 4,096 per table)
+    /// over the first `n_tables` tables, skipping `exclude` rows and `exclude_ids`.
+    #[pyo3(signature = (queries, k, n_probes=None, n_tables=None, exclude=None, num_threads=Int::ZERO, exclude_ids=None),
+       text_signature = "($self, queries, k, n_probes=None, n_tables=None, exclude=None, num_threads=0, exclude_ids=None)")]
     #[allow(clippy::too_many_arguments)]
     fn query<'py>(
         &self,
@@ -97,20 +99,25 @@ impl LshIndex {
         n_tables: Option<Int>,
         exclude: Option<CsrArg<'py>>,
         num_threads: Int,
+        exclude_ids: Option<PyReadonlyArray1<'py, u32>>,
     ) -> PyResult<NeighbourArrays<'py>> {
         let k = k.count("k")?;
         let probes = Int::optional_count(&n_probes, "n_probes")?;
         let tables = Int::optional_count(&n_tables, "n_tables")?;
-        let threads = num_threads.count("num_threads")?;
+        let threads = num_threads.threads()?;
         let q = borrow_vectors("queries", &queries)?;
         let exclude = exclude
             .as_ref()
             .map(|e| CsrParts::borrow("exclude", e))
             .transpose()?;
+        let banned = id_slice("exclude_ids", &exclude_ids)?;
         let found = detached(py, || {
             let exclude = exclude.as_ref().map(CsrParts::to_csr).transpose()?;
-            self.read()
-                .query(q, k, probes, tables, exclude.as_ref(), threads)
+            let filter = Filter {
+                rows: exclude.as_ref(),
+                ids: banned,
+            };
+            self.read().query(q, k, probes, tables, filter, threads)
         })?;
         Ok(neighbour_arrays(py, found))
     }
@@ -151,7 +158,7 @@ impl LshIndex {
         path: PathBuf,
         num_threads: Int,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let threads = num_threads.count("num_threads")?;
+        let threads = num_threads.threads()?;
         let index = detached(cls.py(), || CoreIndex::load(&path, threads))?;
         Self::instance_of(cls, index)
     }
@@ -171,7 +178,7 @@ impl LshIndex {
         data: &[u8],
         num_threads: Int,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let threads = num_threads.count("num_threads")?;
+        let threads = num_threads.threads()?;
         let index = detached(cls.py(), || CoreIndex::from_bytes(data, threads))?;
         Self::instance_of(cls, index)
     }

@@ -85,10 +85,7 @@ impl WarpSampler {
             seed: seed.unsigned("seed")?,
             check_negative,
         };
-        let (num_threads, prefetch) = (
-            num_threads.count("num_threads")?,
-            prefetch.count("prefetch")?,
-        );
+        let (num_threads, prefetch) = (num_threads.threads()?, prefetch.count("prefetch")?);
         let values = values
             .as_ref()
             .map(|v| {
@@ -97,14 +94,15 @@ impl WarpSampler {
             })
             .transpose()?;
         let inner = detached(py, || {
-            cml_core::sampler::check_prefetch(prefetch)?;
-            match values {
+            let sampler = match values {
                 None => cml_core::WarpSampler::new(matrix.to_csr()?, config),
                 Some(values) => {
                     let (csr, values) = matrix.to_csr_with(Some(values))?;
                     cml_core::WarpSampler::with_confidence(csr, &values, config)
                 }
-            }
+            }?;
+            cml_core::sampler::check_prefetch(prefetch, &sampler)?;
+            Ok(sampler)
         })?;
         Ok(WarpSampler {
             inner: Arc::new(inner),
@@ -216,7 +214,7 @@ impl WarpSampler {
             stream: Mutex::new(BatchStream::new(
                 Arc::clone(&self.inner),
                 epoch,
-                Some(epoch + 1),
+                Some(epoch.saturating_add(1)),
                 self.prefetch,
                 self.num_threads,
             )),

@@ -6,7 +6,10 @@ use crate::kernel::VectorOps;
 use crate::vectors::Vectors;
 
 /// Vectors quantised to one byte per coordinate, per-coordinate affine:
-/// `x_d ~ offset_d + step_d * c_d`.
+/// `x_d ~ offset_d + step_d * c_d`. The range of a coordinate is its 0.1% to
+/// 99.9% quantile (of a sample), not its extremes: one outlier must not
+/// squeeze every other vector into a handful of codes. Values outside the
+/// range get the end codes; the exact re-ranking puts such rare vectors right.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Codes {
     dim: usize,
@@ -24,13 +27,10 @@ pub(super) struct CodeTarget {
 impl Codes {
     pub(super) fn encode(vectors: Vectors) -> Codes {
         let dim = vectors.dim;
-        let (mut low, mut high) = (vec![f32::INFINITY; dim], vec![f32::NEG_INFINITY; dim]);
-        for row in vectors.data.chunks_exact(dim) {
-            for (d, &x) in row.iter().enumerate() {
-                low[d] = low[d].min(x);
-                high[d] = high[d].max(x);
-            }
+        if vectors.is_empty() {
+            return Codes::default();
         }
+        let (low, high) = quantile_range(vectors);
         let step: Vec<f32> = low
             .iter()
             .zip(&high)
@@ -75,6 +75,31 @@ impl Codes {
         self.codes.len() + 8 * self.dim
     }
 }
+
+/// Per coordinate, the 0.1% and 99.9% quantiles of (an even sample of up to
+/// [`RANGE_SAMPLE`] rows of) `vectors`.
+fn quantile_range(vectors: Vectors) -> (Vec<f32>, Vec<f32>) {
+    let (n, dim) = (vectors.len(), vectors.dim);
+    let stride = n.div_ceil(RANGE_SAMPLE).max(1);
+    let rows: Vec<usize> = (0..n).step_by(stride).collect();
+    let (mut low, mut high) = (vec![0f32; dim], vec![0f32; dim]);
+    let mut column = Vec::with_capacity(rows.len());
+    for d in 0..dim {
+        column.clear();
+        column.extend(rows.iter().map(|&r| vectors.data[r * dim + d]));
+        let last = column.len() - 1;
+        let (lo, hi) = (
+            (last as f64 * 0.001) as usize,
+            (last as f64 * 0.999).ceil() as usize,
+        );
+        low[d] = *column.select_nth_unstable_by(lo, f32::total_cmp).1;
+        high[d] = *column.select_nth_unstable_by(hi, f32::total_cmp).1;
+    }
+    (low, high)
+}
+
+/// Rows sampled to find each coordinate's range.
+const RANGE_SAMPLE: usize = 1 << 16;
 
 impl CodeTarget {
     /// The approximate squared distance of a coded vector to this query.

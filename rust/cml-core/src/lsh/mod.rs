@@ -30,7 +30,8 @@ mod table;
 pub use pstable::collision_probability;
 use pstable::width_ratio_for;
 
-use crate::csr::{check_exclusions, prefetch, Csr};
+use crate::alloc;
+use crate::csr::{prefetch, Filter};
 use crate::error::{CoreError, Result};
 use crate::kernel::{self, VectorOps};
 use crate::parallel;
@@ -42,6 +43,13 @@ use table::Table;
 
 /// Hash functions per table are limited so a perturbation set fits in a u64 mask.
 pub const MAX_HASHES: usize = 32;
+/// The largest shape an index may have: more is a mistake, and its hash
+/// functions alone would not fit in memory.
+pub const MAX_TABLES: usize = 1024;
+pub const MAX_DIM: usize = 1 << 16;
+/// Probes per searched table a query may ask for; a request for more is cut
+/// to this (4,096 per table is 16 times what tuning ever picks).
+pub const MAX_PROBES_PER_TABLE: usize = 4096;
 /// Default shape: 16 tables of 16 hashes suit unit-ball embeddings of about
 /// 100 dimensions and 10^4 - 10^6 items (benches/RESULTS.md).
 pub const DEFAULT_TABLES: usize = 16;
@@ -94,11 +102,17 @@ pub struct LshIndex {
 impl LshIndex {
     /// An empty index. `bucket_width = None` picks w from the first vectors added.
     pub fn new(params: LshParams) -> Result<LshIndex> {
-        if params.dim == 0 {
-            return Err(CoreError::invalid("dim must be at least 1, got 0"));
+        if !(1..=MAX_DIM).contains(&params.dim) {
+            return Err(CoreError::invalid(format!(
+                "dim must be between 1 and {MAX_DIM}, got {}",
+                params.dim
+            )));
         }
-        if params.n_tables == 0 {
-            return Err(CoreError::invalid("n_tables must be at least 1, got 0"));
+        if !(1..=MAX_TABLES).contains(&params.n_tables) {
+            return Err(CoreError::invalid(format!(
+                "n_tables must be between 1 and {MAX_TABLES}, got {}",
+                params.n_tables
+            )));
         }
         if params.n_hashes == 0 || params.n_hashes > MAX_HASHES {
             return Err(CoreError::invalid(format!(
@@ -115,9 +129,9 @@ impl LshIndex {
         }
         let n_functions = params.n_tables * params.n_hashes;
         let mut rng = Rng::stream(params.seed, tag::LSH_PROJECTION, &[]);
-        let directions: Vec<f32> = (0..n_functions * params.dim)
-            .map(|_| rng.normal() as f32)
-            .collect();
+        let mut directions =
+            alloc::reserve(n_functions * params.dim, "the index's hash functions")?;
+        directions.extend((0..n_functions * params.dim).map(|_| rng.normal() as f32));
         let offsets: Vec<f32> = (0..n_functions).map(|_| rng.unit_f64() as f32).collect();
         let mut index = LshIndex {
             params,
@@ -227,7 +241,7 @@ impl LshIndex {
                 "an index holds at most 4,294,967,295 vectors",
             ));
         }
-        vectors.check_finite("vectors")?;
+        vectors.check_values("vectors")?;
         if let Some(&negative) = ids.iter().find(|&&id| id < 0) {
             return Err(CoreError::invalid(format!(
                 "ids must be non-negative, got {negative} (-1 marks an empty slot in results)"
@@ -241,6 +255,10 @@ impl LshIndex {
                 w[0]
             )));
         }
+        self.vectors
+            .try_reserve(vectors.data.len())
+            .and(self.ids.try_reserve(ids.len()))
+            .map_err(|_| CoreError::memory("the index could not grow to hold these vectors"))?;
         self.vectors.extend_from_slice(vectors.data);
         self.ids.extend_from_slice(ids);
         if self.params.bucket_width.is_none() {
@@ -277,10 +295,10 @@ impl LshIndex {
             Vectors::new("v", &queries, self.params.dim).expect("sample rows"),
             all,
             k,
-            None,
+            Filter::default(),
             num_threads,
         )
-        .expect("consistent shapes");
+        .expect("checked vectors of one shape");
         let mut radii: Vec<f32> = (0..sample)
             .map(|q| found.sqdist[q * k + k - 1].sqrt())
             .collect();
@@ -348,15 +366,17 @@ impl LshIndex {
     }
 
     /// The k nearest indexed vectors of each query among the buckets of
-    /// `n_probes` probes (`None`: the tuned default) in the first `n_tables`
-    /// tables (`None`: all). Exact distances, nearest first, padded with -1/+inf.
+    /// `n_probes` probes (`None`: the tuned default; at most
+    /// [`MAX_PROBES_PER_TABLE`] per table) in the first `n_tables` tables
+    /// (`None`: all), skipping what `filter` names (by external id). Exact
+    /// distances, nearest first, padded with -1/+inf; `min(k, len)` columns.
     pub fn query(
         &self,
         queries: Vectors,
         k: usize,
         n_probes: Option<usize>,
         n_tables: Option<usize>,
-        exclude: Option<&Csr>,
+        filter: Filter,
         num_threads: usize,
     ) -> Result<Neighbours> {
         queries.expect_dim("queries", self.params.dim, "the index dimension")?;
@@ -371,9 +391,16 @@ impl LshIndex {
         let tables = n_tables.unwrap_or(self.default_tables);
         let probes = n_probes.unwrap_or(self.default_probes);
         self.check_search(probes, tables)?;
-        check_exclusions(exclude, queries.len(), None)?;
-        queries.check_finite("queries")?;
-        let n_queries = queries.len();
+        let probes = probes.min(tables * MAX_PROBES_PER_TABLE);
+        filter.check(queries.len(), None)?;
+        queries.check_values("queries")?;
+        let (n_queries, k) = (queries.len(), k.min(self.len()));
+        let mut ids = alloc::filled(
+            alloc::product(n_queries, k, "the result")?,
+            -1i64,
+            "the result's ids",
+        )?;
+        let mut sqdist = alloc::filled(ids.len(), f32::INFINITY, "the result's distances")?;
         let serial = n_queries < 8;
         let chunks = parallel::map_tasks(
             num_threads,
@@ -385,13 +412,11 @@ impl LshIndex {
                 let rows =
                     (task * QUERIES_PER_TASK)..((task + 1) * QUERIES_PER_TASK).min(n_queries);
                 rows.map(|q| {
-                    self.search_one(queries.row(q), q, k, probes, tables, exclude, &mut scratch)
+                    self.search_one(queries.row(q), q, k, probes, tables, filter, &mut scratch)
                 })
                 .collect::<Vec<_>>()
             },
         );
-        let mut ids = vec![-1i64; n_queries * k];
-        let mut sqdist = vec![f32::INFINITY; n_queries * k];
         for (q, found) in chunks.into_iter().flatten().enumerate() {
             for (slot, (d, id)) in found.into_iter().enumerate() {
                 ids[q * k + slot] = id;
@@ -409,7 +434,7 @@ impl LshIndex {
         k: usize,
         probes: usize,
         tables: usize,
-        exclude: Option<&Csr>,
+        filter: Filter,
         scratch: &mut Scratch,
     ) -> Vec<(f32, i64)> {
         let (dim, n_hashes) = (self.params.dim, self.params.n_hashes);
@@ -421,8 +446,9 @@ impl LshIndex {
         let shortlist = (RERANK_FACTOR * k).max(k + RERANK_MIN_EXTRA);
         let mut top = TopK::new(shortlist);
         let target = self.codes.target(q);
-        let excluded: &[u32] = exclude.map_or(&[], |e| e.row(row));
         let ops = VectorOps::best();
+        // Once every item has been a candidate, more probes cannot find more.
+        let seen = std::cell::Cell::new(0usize);
         // Probes and candidates go in batches: every address a batch needs is
         // requested before the first is used, so the cache misses of the map,
         // the bucket members, the stamps and the vectors overlap instead of
@@ -462,9 +488,9 @@ impl LshIndex {
                     continue;
                 }
                 stamps[item] = *stamp;
-                if !excluded.is_empty()
-                    && u32::try_from(self.ids[item])
-                        .is_ok_and(|id| excluded.binary_search(&id).is_ok())
+                seen.set(seen.get() + 1);
+                if !filter.is_empty()
+                    && u32::try_from(self.ids[item]).is_ok_and(|id| filter.skips(row, id))
                 {
                     continue;
                 }
@@ -472,11 +498,13 @@ impl LshIndex {
             }
             candidates.clear();
         };
+        let everything = self.len();
         sequence.for_each_probe(projected, n_hashes, tables, probes, &mut |table, key| {
             batch.push((table, key));
             if batch.len() == PROBE_BATCH {
                 drain(batch);
             }
+            seen.get() < everything
         });
         drain(batch);
         // Re-rank the shortlist on the exact vectors (f32), keep k, and report
@@ -545,6 +573,7 @@ fn gather_rows<T: Copy>(data: &[T], width: usize, order: &[usize]) -> Vec<T> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::csr::Csr;
 
     /// Points around `clusters` centres (fixed by `clusters`), noise from `seed`.
     pub(crate) fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<f32> {
@@ -607,14 +636,30 @@ pub(crate) mod tests {
         let idx = index(&data, dim, 8);
         let queries = clustered(200, dim, 40, 3);
         let q = Vectors::new("v", &queries, dim).unwrap();
-        let truth =
-            crate::topk::topk_l2(q, Vectors::new("v", &data, dim).unwrap(), 10, None, 1).unwrap();
-        let few = recall(&idx.query(q, 10, Some(8), None, None, 1).unwrap(), &truth);
-        let many = recall(&idx.query(q, 10, Some(400), None, None, 1).unwrap(), &truth);
+        let truth = crate::topk::topk_l2(
+            q,
+            Vectors::new("v", &data, dim).unwrap(),
+            10,
+            Filter::default(),
+            1,
+        )
+        .unwrap();
+        let few = recall(
+            &idx.query(q, 10, Some(8), None, Filter::default(), 1)
+                .unwrap(),
+            &truth,
+        );
+        let many = recall(
+            &idx.query(q, 10, Some(400), None, Filter::default(), 1)
+                .unwrap(),
+            &truth,
+        );
         assert!(many >= few, "{few} {many}");
         assert!(many > 0.9, "recall with many probes {many}");
         // Exact distances for what is found.
-        let found = idx.query(q, 10, Some(400), None, None, 2).unwrap();
+        let found = idx
+            .query(q, 10, Some(400), None, Filter::default(), 2)
+            .unwrap();
         for (slot, &id) in found.ids.iter().enumerate() {
             if id >= 0 {
                 let qi = slot / 10;
@@ -632,8 +677,12 @@ pub(crate) mod tests {
         let idx = index(&data, dim, 6);
         let queries = clustered(300, dim, 30, 5);
         let q = Vectors::new("v", &queries, dim).unwrap();
-        let a = idx.query(q, 20, Some(60), None, None, 1).unwrap();
-        let b = idx.query(q, 20, Some(60), None, None, 4).unwrap();
+        let a = idx
+            .query(q, 20, Some(60), None, Filter::default(), 1)
+            .unwrap();
+        let b = idx
+            .query(q, 20, Some(60), None, Filter::default(), 4)
+            .unwrap();
         assert_eq!(a, b);
         let rows: Vec<Vec<u32>> = (0..300)
             .map(|r| {
@@ -646,7 +695,9 @@ pub(crate) mod tests {
             })
             .collect();
         let exclude = Csr::from_rows(3000, &rows).unwrap();
-        let c = idx.query(q, 20, Some(60), None, Some(&exclude), 2).unwrap();
+        let c = idx
+            .query(q, 20, Some(60), None, Filter::rows(Some(&exclude)), 2)
+            .unwrap();
         for (found, banned) in c.ids.chunks(20).zip(&rows) {
             for id in found {
                 assert!(*id < 0 || !banned.contains(&(*id as u32)));
@@ -667,7 +718,7 @@ pub(crate) mod tests {
         let q = [0f32; 3];
         let qv = Vectors::new("v", &q, 3).unwrap();
         assert!(idx
-            .query(qv, 1, None, None, None, 1)
+            .query(qv, 1, None, None, Filter::default(), 1)
             .unwrap_err()
             .to_string()
             .contains("empty"));
@@ -706,7 +757,7 @@ pub(crate) mod tests {
         idx.add(Vectors::new("v", &data, 3).unwrap(), &[1, 2], 1)
             .unwrap();
         assert!(idx
-            .query(qv, 1, Some(0), None, None, 1)
+            .query(qv, 1, Some(0), None, Filter::default(), 1)
             .unwrap_err()
             .to_string()
             .contains("n_probes must be at least 1"));

@@ -86,7 +86,7 @@ pub(super) struct ProbeSequence {
 }
 
 impl ProbeSequence {
-    /// Calls `visit(table, key)` for each table's own bucket, then for the
+    /// Calls `visit(table, key)` (which returns false to stop) for each table's own bucket, then for the
     /// cheapest perturbed buckets over all tables, `probes` buckets in all.
     /// A move of coordinate i by -1 costs `f_i^2` and by +1 `(1 - f_i)^2`,
     /// `f_i` the query's fractional position in slot i.
@@ -96,7 +96,7 @@ impl ProbeSequence {
         n_hashes: usize,
         tables: usize,
         probes: usize,
-        visit: &mut impl FnMut(usize, u64),
+        visit: &mut impl FnMut(usize, u64) -> bool,
     ) {
         let width = 2 * n_hashes;
         self.base_keys.clear();
@@ -125,7 +125,9 @@ impl ProbeSequence {
             });
         }
         for t in 0..tables.min(probes) {
-            visit(t, self.base_keys[t]);
+            if !visit(t, self.base_keys[t]) {
+                return;
+            }
         }
         if probes <= tables {
             return;
@@ -172,7 +174,9 @@ impl ProbeSequence {
                 key = key.wrapping_add(m.key_shift);
             }
             if valid {
-                visit(table, key);
+                if !visit(table, key) {
+                    return;
+                }
                 emitted += 1;
             }
         }
@@ -209,8 +213,10 @@ mod tests {
             }
         }
         let mut emitted = Vec::new();
-        ProbeSequence::default()
-            .for_each_probe(&projected, 3, 2, 30, &mut |t, key| emitted.push((t, key)));
+        ProbeSequence::default().for_each_probe(&projected, 3, 2, 30, &mut |t, key| {
+            emitted.push((t, key));
+            true
+        });
         assert_eq!(emitted.len(), 30);
         let cost_of = |t: usize, key: u64| {
             all.iter()
