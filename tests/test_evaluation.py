@@ -68,7 +68,7 @@ def test_only_users_with_held_out_items_count_and_subsets():
     assert result["users"] == 10 and set(result.per_user["user"].tolist()) == set(range(10, 20))
     subset = evaluation.ranking_metrics_at_k(factors, sp.csr_matrix((20, 30)), test, K=5, users=[0, 12, 15])
     assert subset.per_user["user"].tolist() == [12, 15]
-    with pytest.raises(IndexError, match="users must be ids"):
+    with pytest.raises(IndexError, match="users 25 is out of range"):
         evaluation.ranking_metrics_at_k(factors, sp.csr_matrix((20, 30)), test, K=5, users=[25])
 
 

@@ -74,8 +74,15 @@ def require_csr(matrix: Any, name: str) -> sp.csr_matrix:
 
 
 def csr_arrays(matrix: sp.csr_matrix) -> CsrArrays:
-    """The (indptr, indices, n_cols) triple the native layer takes (no copy)."""
-    return np.ascontiguousarray(matrix.indptr), np.ascontiguousarray(matrix.indices), int(matrix.shape[1])
+    """The (indptr, indices, n_cols) triple the native layer takes (no copy when the index
+    arrays are int32 or int64, as scipy makes them; other integer types are converted)."""
+
+    def index_array(array: np.ndarray) -> np.ndarray:
+        if array.dtype not in (np.int32, np.int64):
+            array = array.astype(np.int64)
+        return np.ascontiguousarray(array)
+
+    return index_array(matrix.indptr), index_array(matrix.indices), int(matrix.shape[1])
 
 
 def as_ids(values: Any, name: str) -> tuple[np.ndarray, bool]:
@@ -93,6 +100,17 @@ def as_ids(values: Any, name: str) -> tuple[np.ndarray, bool]:
     if array.size and array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} holds ids beyond 2**63")
     return np.atleast_1d(array).astype(np.int64, copy=False).ravel(), single
+
+
+def as_id_list(values: Any, name: str) -> np.ndarray | None:
+    """Ids excluded for every query, as the sorted, unique uint32 array the native layer takes."""
+    if values is None:
+        return None
+    ids, _ = as_ids(values, name)
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint32).max):
+        bad = ids[(ids < 0) | (ids > np.iinfo(np.uint32).max)][0]
+        raise IndexError(f"{name} holds id {bad}; ids are between 0 and 2**32 - 1")
+    return np.unique(ids).astype(np.uint32)
 
 
 def check_ids_below(ids: np.ndarray, limit: int, name: str) -> np.ndarray:

@@ -49,6 +49,7 @@ def topk_l2(
     k: int,
     exclude: _Csr | None = None,
     num_threads: int = 0,
+    exclude_ids: npt.NDArray[np.uint32] | None = None,
 ) -> _Neighbours: ...
 def sqdist(
     queries: npt.NDArray[np.float32],
@@ -121,6 +122,7 @@ class LshIndex:
         n_tables: int | None = None,
         exclude: _Csr | None = None,
         num_threads: int = 0,
+        exclude_ids: npt.NDArray[np.uint32] | None = None,
     ) -> _Neighbours: ...
     def set_defaults(self, n_probes: int, n_tables: int) -> None: ...
     def vectors(self) -> npt.NDArray[np.float32]: ...

@@ -125,10 +125,18 @@ def command_train(args: argparse.Namespace) -> int:
     features = dataset.item_features.get(args.features) if args.features else None
     if args.features and features is None:
         raise ValueError(f"{dataset.name} has no feature set {args.features!r}; it has {sorted(dataset.item_features)}")
-    print(f"{dataset}\nsplit: {_split_sizes(split)} ({split.note})")
+    detected = f" ({dataset.note})" if dataset.note else ""
+    print(f"{dataset}{detected}\nsplit: {_split_sizes(split)} ({split.note})")
     start = time.perf_counter()
     validation = split.validation if split.validation.nnz else None
-    model.fit(split.train, validation=validation, show_progress=not args.no_progress, item_features=features)
+    model.fit(
+        split.train,
+        validation=validation,
+        show_progress=not args.no_progress,
+        item_features=features,
+        checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
+    )
     print(f"trained in {time.perf_counter() - start:.1f}s, best epoch {model.best_epoch_}")
     table, _ = _metrics_table(model, split, [50, 100], args.num_threads)
     print("test metrics:\n" + table)
@@ -275,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="save the trained model here (.npz)")
     train.add_argument("--features", help="train CML+F with this item feature set (e.g. tags)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--checkpoint",
+        help="write the fit's state here as it goes; if the file exists, resume from it (same data and settings)",
+    )
+    train.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default: 1)")
     data_options(train)
     _hyperparameter_arguments(train)
     train.set_defaults(handler=command_train)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import numbers
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._checks import as_csr
-from ._io import load_npz, save_npz
+from ._io import meta_int, open_npz, save_npz
 
 __all__ = [
     "DATASETS",
@@ -71,6 +72,8 @@ class Dataset:
         Human-readable item names where the data has them.
     given_split : Split, optional
         The split the data set ships with (gowalla, ml-1m-implicit).
+    note : str
+        What a loader detected and did (e.g. the separator and header of a CSV).
     """
 
     name: str
@@ -83,6 +86,7 @@ class Dataset:
     item_titles: np.ndarray | None = None
     given_split: Split | None = None
     item_label_kind: str = "label"
+    note: str = ""
 
     @property
     def n_users(self) -> int:
@@ -510,25 +514,33 @@ def load_interactions(
         Whether the first line names the columns; guessed when None.
     """
     path = Path(path)
-    text = _require(path).read_text(encoding="utf-8", errors="replace")
+    # utf-8-sig: a byte-order mark is not part of the first user's id.
+    text = _require(path).read_text(encoding="utf-8-sig", errors="replace")
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
         raise ValueError(f"{path}: the file holds no interactions")
     first = lines[0]
     if sep is None:
         sep = next((s for s in ("\t", "::", ",", ";") if s in first), None)
-    split: Callable[[str], list[str]] = (lambda s: s.split()) if sep is None else (lambda s: s.split(sep))
-    if sep == ",":
-        split = lambda s: next(csv.reader(io.StringIO(s)))  # noqa: E731  (quoted fields)
-    names = [f.strip() for f in split(first)]
-    if header is None:
-        header = any(isinstance(c, str) for c in (user_column, item_column, value_column) if c is not None) or (
-            value_column is not None and not _is_number(names[_position(value_column, names, path)])
-        )
+
+    def split(line: str, number: int) -> list[str]:
+        try:
+            if sep == ",":
+                return [f.strip() for f in next(csv.reader(io.StringIO(line)))]  # quoted fields
+            return [f.strip() for f in (line.split() if sep is None else line.split(sep))]
+        except (csv.Error, StopIteration) as error:
+            raise ValueError(f"{path}:{number}: {error}") from None
+
+    names = split(first, 1)
+    named = any(isinstance(c, str) for c in (user_column, item_column, value_column) if c is not None)
     position = {
         key: _position(col, names, path) if col is not None else None
         for key, col in (("user", user_column), ("item", item_column), ("value", value_column))
     }
+    if header is None:
+        header = named or _looks_like_header(names, [split(line, n) for n, line in enumerate(lines[1:21], 2)], position)
+    separator = {"\t": "tab", None: "spaces"}.get(sep, repr(sep))
+    note = f"separator {separator}; " + (f"header {first[:60]!r} skipped" if header else "no header line")
     user_map: dict[str, int] = {}
     item_map: dict[str, int] = {}
     rows, cols, values = [], [], []
@@ -536,7 +548,7 @@ def load_interactions(
     for number, line in enumerate(lines, start=1):
         if (header and number == 1) or not line.strip():
             continue
-        fields = [f.strip() for f in split(line)]
+        fields = split(line, number)
         if len(fields) <= needed:
             raise ValueError(
                 f"{path}:{number}: expected at least {needed + 1} fields, got {len(fields)}: {line[:80]!r}"
@@ -547,6 +559,8 @@ def load_interactions(
                 value = float(fields[position["value"]])
             except ValueError:
                 raise ValueError(f"{path}:{number}: value {fields[position['value']]!r} is not a number") from None
+            if not np.isfinite(value):
+                raise ValueError(f"{path}:{number}: value {fields[position['value']]!r} is not a finite number")
             if min_value is not None and value < min_value:
                 continue
         rows.append(user_map.setdefault(fields[position["user"]], len(user_map)))
@@ -561,7 +575,29 @@ def load_interactions(
         user_items=matrix,
         user_ids=np.asarray(list(user_map), dtype=object),
         item_ids=np.asarray(list(item_map), dtype=object),
+        note=note,
     )
+
+
+#: Column names that mark a first line as a header.
+HEADER_WORDS = frozenset(
+    "user users user_id userid uid item items item_id itemid iid movie movieid movie_id track artist song "
+    "product rating ratings value values count counts plays playcount play_count weight score timestamp".split()
+)
+
+
+def _looks_like_header(first: list[str], following: list[list[str]], position: dict[str, int | None]) -> bool:
+    """Whether the first line names columns: a user/item/value field is a usual column
+    name, or is not a number while that column is numeric on the lines after it."""
+    for column in (p for p in position.values() if p is not None):
+        if column >= len(first):
+            continue
+        if first[column].strip().lower() in HEADER_WORDS:
+            return True
+        below = [fields[column] for fields in following if column < len(fields)]
+        if below and not _is_number(first[column]) and all(_is_number(v) for v in below):
+            return True
+    return False
 
 
 def _is_number(text: str) -> bool:
@@ -744,21 +780,32 @@ class Split:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Split:
         """Reads a split written by :meth:`save`; a damaged file raises ValueError."""
-        arrays, meta = load_npz(path, SPLIT_FORMAT, SPLIT_VERSION)
-        shape = tuple(meta["shape"])
-        parts = []
-        for name in ("train", "validation", "test"):
-            indptr, indices = arrays[f"{name}_indptr"], arrays[f"{name}_indices"]
-            if (
-                len(indptr) != shape[0] + 1
-                or indptr[-1] != len(indices)
-                or (len(indices) and indices.max() >= shape[1])
+        with open_npz(path, SPLIT_FORMAT, SPLIT_VERSION) as reader:
+            meta, name = reader.meta, reader.name
+            shape = meta.get("shape")
+            if not (
+                isinstance(shape, list)
+                and len(shape) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in shape)
             ):
-                raise ValueError(f"{path}: the {name} part is inconsistent with shape {shape}; the file is damaged")
-            parts.append(sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=shape))
-        split = cls(*parts, seed=int(meta["seed"]), note=str(meta.get("note", "")))
-        if split.fingerprint() != meta["fingerprint"]:
-            raise ValueError(f"{path}: the split does not match its recorded fingerprint; the file is damaged")
+                raise ValueError(f"{name}: its shape {shape!r} is not (users, items); the file is damaged")
+            seed = meta_int(meta, "seed", name, minimum=-1)
+            fingerprint, note = meta.get("fingerprint"), meta.get("note", "")
+            if not isinstance(fingerprint, str) or not isinstance(note, str):
+                raise ValueError(f"{name}: its fingerprint or note is not text; the file is damaged")
+            parts = []
+            for part in ("train", "validation", "test"):
+                indptr = reader.array(f"{part}_indptr", (shape[0] + 1,), np.int64)
+                nnz = int(indptr[-1]) if len(indptr) else 0
+                if indptr[0] != 0 or np.any(np.diff(indptr) < 0) or nnz > shape[0] * shape[1]:
+                    raise ValueError(f"{name}: the {part} part's offsets are impossible; the file is damaged")
+                indices = reader.array(f"{part}_indices", (nnz,), np.int32)
+                if nnz and (indices.min() < 0 or indices.max() >= shape[1]):
+                    raise ValueError(f"{name}: the {part} part names items outside {shape}; the file is damaged")
+                parts.append(sp.csr_matrix((np.ones(nnz, np.float32), indices, indptr), shape=tuple(shape)))
+        split = cls(*parts, seed=int(seed), note=note)
+        if split.fingerprint() != fingerprint:
+            raise ValueError(f"{name}: the split does not match its recorded fingerprint; the file is damaged")
         return split
 
 
@@ -779,8 +826,12 @@ def split_paper(
     matrix.sum_duplicates()
     if matrix.nnz == 0:
         raise ValueError("user_items holds no interactions; there is nothing to split")
-    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    if (
+        len(fractions) != 3
+        or not all(isinstance(f, numbers.Real) and np.isfinite(f) and 0 <= f <= 1 for f in fractions)
+        or abs(sum(fractions) - 1.0) > 1e-9
+    ):
+        raise ValueError(f"fractions must be three numbers in [0, 1] summing to 1, got {fractions}")
     rng = np.random.default_rng(seed)
     n_rows = matrix.shape[0]
     lengths = np.diff(matrix.indptr)

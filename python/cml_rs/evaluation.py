@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import as_csr, as_vectors, check_int
+from ._checks import as_csr, as_ids, as_vectors, check_ids_below, check_int
 from .kernels import topk_l2
 
 __all__ = ["RankingMetrics", "compare", "ranking_metrics_at_k"]
@@ -130,22 +130,22 @@ def ranking_metrics_at_k(
     if users is None:
         evaluated = np.flatnonzero(held_out_sizes)
     else:
-        evaluated = np.unique(np.asarray(users, dtype=np.int64))
-        if len(evaluated) and (evaluated.min() < 0 or evaluated.max() >= shape[0]):
-            raise IndexError(f"users must be ids in [0, {shape[0]}), got {evaluated.min()}..{evaluated.max()}")
+        evaluated = np.unique(check_ids_below(as_ids(users, "users")[0], shape[0], "users"))
         evaluated = evaluated[held_out_sizes[evaluated] > 0]
     per_user = {name: np.zeros(len(evaluated)) for name in METRICS}
     per_user["user"] = evaluated
     if len(evaluated) == 0:
         return RankingMetrics(K, per_user)
 
-    ids = _top_ids(model_or_factors, factors, evaluated, excluded, K, num_threads)
-    hits = _hits(ids, test[evaluated], shape[1])  # (users, K) booleans
+    ids = _top_ids(model_or_factors, factors, evaluated, excluded, min(K, shape[1]), num_threads)
+    # A ranking is at most as long as the catalogue: K beyond it ranks every item.
+    hits = _hits(ids, test[evaluated], shape[1])  # (users, min(K, n_items)) booleans
+    width = hits.shape[1]
     n_held = held_out_sizes[evaluated].astype(np.float64)
-    discounts = 1.0 / np.log2(np.arange(2, K + 2))
+    discounts = 1.0 / np.log2(np.arange(2, width + 2))
     ideal = np.cumsum(discounts)[np.minimum(n_held, K).astype(np.int64) - 1]
     hit_counts = hits.sum(axis=1)
-    precision_at_rank = np.cumsum(hits, axis=1) / np.arange(1, K + 1)
+    precision_at_rank = np.cumsum(hits, axis=1) / np.arange(1, width + 1)
     per_user["recall"] = hit_counts / n_held
     per_user["precision"] = hit_counts / K
     per_user["ndcg"] = (hits * discounts).sum(axis=1) / ideal

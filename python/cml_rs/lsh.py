@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._checks import as_csr, as_ids, as_queries, as_vectors, check_float, csr_arrays
+from ._checks import as_csr, as_id_list, as_ids, as_queries, as_vectors, check_float, csr_arrays
 from .kernels import topk_l2
 from .retrieval import neighbour_recall
 
@@ -70,6 +70,7 @@ class LshIndex(_native.LshIndex):
         exclude: Any | None = None,
         num_threads: int = 0,
         n_tables: int | None = None,
+        exclude_ids: Any | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, sqdist)`` of the k nearest indexed vectors found.
 
@@ -80,19 +81,24 @@ class LshIndex(_native.LshIndex):
         n_probes : int, optional
             Buckets visited per query over all tables (the home bucket of each
             table first); default: the tuned value (4 per table before tuning).
+            At most 4,096 per table are visited, and a query stops once every
+            indexed vector has been a candidate.
         exclude : scipy.sparse matrix (Q, n_ids), optional
             Row q lists ids query q must not get back; skipped inside the search.
         n_tables : int, optional
             Search only the first tables (default: the tuned value, else all).
+        exclude_ids : array of int, optional
+            Ids no query gets back.
 
         Returns
         -------
-        ids : int64 (Q, k), nearest first, -1 where fewer were found
-        sqdist : float32 (Q, k), exact squared distances, +inf where padded
+        ids : int64 (Q, min(k, len)), nearest first, -1 where fewer were found
+        sqdist : float32, same shape, exact squared distances, +inf where padded
         """
         query_array, single = as_queries(queries)
         excluded = csr_arrays(as_csr(exclude, "exclude")) if exclude is not None else None
-        ids, dist = super().query(query_array, k, n_probes, n_tables, excluded, num_threads)
+        banned = as_id_list(exclude_ids, "exclude_ids")
+        ids, dist = super().query(query_array, k, n_probes, n_tables, excluded, num_threads, banned)
         return (ids[0], dist[0]) if single else (ids, dist)
 
     knn_query = query

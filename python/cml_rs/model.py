@@ -13,6 +13,7 @@ the nearest-neighbour search :mod:`cml_rs.retrieval` and the file format
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 
 from . import __version__
 from ._checks import as_csr, as_ids, check_ids_below, check_int, require_csr
-from ._io import PathOrFile, load_npz, save_npz
+from ._io import NpzReader, PathOrFile, meta_int, open_npz, save_npz
 from ._params import HYPERPARAMETERS, check_hyperparameters
 from .nn import CMLEmbedding, FeatureProjector, torch_sparse
 from .retrieval import Backend, build_index, top_n
@@ -216,6 +217,8 @@ class CollaborativeMetricLearning:
         callback: Callback | None = None,
         validation: Any | None = None,
         item_features: Any | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
     ) -> CollaborativeMetricLearning:
         """Learns user and item vectors from implicit feedback.
 
@@ -238,6 +241,15 @@ class CollaborativeMetricLearning:
             the progress bar says which rule applies.
         item_features : scipy.sparse matrix (n_items, n_features), optional
             Item side information for CML+F.
+        checkpoint : path, optional
+            Where the fit's whole state is written, atomically, every
+            ``checkpoint_every`` epochs and at the end. If the file exists (a
+            fit of the same data and settings was interrupted, even by kill -9),
+            the fit resumes from it and ends bit for bit where an uninterrupted
+            fit with the same seed and thread count would; a finished one
+            returns at once. A checkpoint of other data or settings is refused.
+        checkpoint_every : int
+            Epochs between checkpoints.
 
         Notes
         -----
@@ -283,12 +295,16 @@ class CollaborativeMetricLearning:
                     f"item_features must have one row per item ({n_items}), got shape {features.shape}"
                     + ("; pass its transpose" if features.shape[1] == n_items else "")
                 )
+            if features.nnz and (not np.all(np.isfinite(features.data)) or features.data.min() < 0):
+                raise ValueError("item_features must hold finite, non-negative values (counts, flags or weights)")
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
 
         with torch_threads(self.num_threads):
             warm_start = self.fitted and features is None and self.projector_ is None
             if not warm_start:
                 self._build(n_users, n_items, features)
-            Trainer(self, train, valid, features).run(show_progress, callback)
+            trainer = Trainer(self, train, valid, features)
+            trainer.run(show_progress, callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
         self._indexes.clear()
         return self
 
@@ -563,57 +579,47 @@ class CollaborativeMetricLearning:
     def load(cls, file: PathOrFile, device: str | torch.device = "cpu") -> CollaborativeMetricLearning:
         """Reads a model written by :meth:`save` from a path (``.npz`` is added when the
         name has none and the file without it does not exist) or an open binary file.
-        A truncated, corrupted or newer-version file raises ValueError naming the problem."""
-        arrays, meta = load_npz(file, MODEL_FORMAT, MODEL_VERSION)
-        source = getattr(file, "name", file)
-        try:
-            params = dict(meta["hyperparameters"])
-            params["device"] = device
-            model = cls(**params)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{source}: missing or invalid hyper-parameters ({error}); the file is damaged") from None
-        model.history_ = list(meta.get("history") or [])
-        model.best_epoch_ = meta.get("best_epoch")
-        if not meta.get("fitted", True):
-            return model
-        try:
-            users, items = arrays["user_factors"], arrays["item_factors"]
-            expected = (int(meta["n_users"]), model.factors), (int(meta["n_items"]), model.factors)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{source}: missing or invalid field {error}; the file is damaged") from None
-        if (
-            users.shape != expected[0]
-            or items.shape != expected[1]
-            or users.dtype != np.float32
-            or items.dtype != np.float32
-        ):
-            raise ValueError(
-                f"{source}: factor arrays {users.shape}/{items.shape} do not match the metadata; the file is damaged"
-            )
-        if not (np.all(np.isfinite(users)) and np.all(np.isfinite(items))):
-            raise ValueError(f"{source}: the stored vectors contain NaN or inf; the file is damaged")
-        embedding = CMLEmbedding(1, 1, model.factors, model.max_norm)
-        embedding.users = torch.nn.Parameter(torch.from_numpy(users.copy()))
-        embedding.items = torch.nn.Parameter(torch.from_numpy(items.copy()))
-        model.embedding_ = embedding.to(model.device)
-        if meta.get("n_features"):
-            projector = FeatureProjector(
-                int(meta["n_features"]),
-                model.factors,
-                model.feature_hidden,
-                model.feature_dropout,
-                model.max_norm,
-            )
-            state = {
-                name[len("projector.") :]: torch.from_numpy(arr.copy())
-                for name, arr in arrays.items()
-                if name.startswith("projector.")
-            }
+
+        Nothing in the file is trusted: its metadata must be well formed, only the
+        members the format defines are read, each only after its shape was checked
+        against the metadata, and the vectors must lie in the ball the model keeps
+        them in. A truncated, corrupted, impossible or newer-version file raises
+        ValueError naming the problem.
+        """
+        with open_npz(file, MODEL_FORMAT, MODEL_VERSION) as reader:
+            meta, source = reader.meta, reader.name
+            params = meta.get("hyperparameters")
+            if not isinstance(params, dict):
+                raise ValueError(f"{source}: its hyper-parameters are missing; the file is damaged")
             try:
-                projector.load_state_dict(state)
-            except RuntimeError as error:
-                raise ValueError(f"{source}: the feature network does not fit its metadata ({error})") from None
-            model.projector_ = projector.to(model.device)
+                model = cls(**{**params, "device": device})
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{source}: its hyper-parameters are invalid ({error}); the file is damaged") from None
+            history, best_epoch = meta.get("history") or [], meta_int(meta, "best_epoch", source, optional=True)
+            if not isinstance(history, list):
+                raise ValueError(f"{source}: its history is not a list; the file is damaged")
+            model.history_, model.best_epoch_ = history, best_epoch
+            if meta.get("fitted", True) is False:
+                return model
+            n_users, n_items = meta_int(meta, "n_users", source), meta_int(meta, "n_items", source)
+            users = reader.array("user_factors", (n_users, model.factors), np.float32)
+            items = reader.array("item_factors", (n_items, model.factors), np.float32)
+            for kind, vectors in (("user", users), ("item", items)):
+                if not np.all(np.isfinite(vectors)):
+                    raise ValueError(f"{source}: the stored {kind} vectors contain NaN or inf; the file is damaged")
+                largest = float(np.sqrt((vectors.astype(np.float64) ** 2).sum(axis=1).max(initial=0.0)))
+                if largest > model.max_norm * (1 + 1e-4):
+                    raise ValueError(
+                        f"{source}: a stored {kind} vector has norm {largest:.4g}, outside the ball of radius "
+                        f"{model.max_norm} the model keeps them in; the file is damaged"
+                    )
+            embedding = CMLEmbedding(1, 1, model.factors, model.max_norm)
+            embedding.users = torch.nn.Parameter(torch.from_numpy(users))
+            embedding.items = torch.nn.Parameter(torch.from_numpy(items))
+            model.embedding_ = embedding.to(model.device)
+            n_features = meta_int(meta, "n_features", source, minimum=1, optional=True)
+            if n_features is not None:
+                model.projector_ = _load_projector(reader, model, n_features).to(model.device)
         return model
 
 
@@ -621,6 +627,23 @@ CML = CollaborativeMetricLearning
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _load_projector(reader: NpzReader, model: CollaborativeMetricLearning, n_features: int) -> FeatureProjector:
+    """The feature network of a saved CML+F model, its arrays checked before it is built."""
+    hidden, dim = model.feature_hidden, model.factors
+    shapes = {
+        "hidden.weight": (hidden, n_features),
+        "hidden.bias": (hidden,),
+        "output.weight": (dim, hidden),
+        "output.bias": (dim,),
+    }
+    state = {
+        name: torch.from_numpy(reader.array(f"projector.{name}", shape, np.float32)) for name, shape in shapes.items()
+    }
+    projector = FeatureProjector(n_features, dim, hidden, model.feature_dropout, model.max_norm)
+    projector.load_state_dict(state)
+    return projector
 
 
 def _shape_hint(name: str, got: tuple[int, int], expected: tuple[int, int]) -> str:

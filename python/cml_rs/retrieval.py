@@ -2,7 +2,7 @@
 
 CML's recommendations are Euclidean nearest neighbours, so any L2 index
 serves. Three backends share ``build_index(backend, vectors)`` and
-``index.query(queries, k, exclude=None, num_threads=0) -> (ids, sqdist)``:
+``index.query(queries, k, exclude=None, num_threads=0, exclude_ids=None) -> (ids, sqdist)``:
 
 - ``"exact"``: :class:`ExactIndex`, the fused native kernel (:func:`cml_rs.topk_l2`).
 - ``"lsh"``: :class:`cml_rs.LshIndex`, p-stable LSH with multi-probe, candidates
@@ -10,8 +10,9 @@ serves. Three backends share ``build_index(backend, vectors)`` and
 - ``"hnsw"``: :class:`HnswIndex`, hnswlib's graph index (``pip install cml-rs[hnsw]``).
 
 All return int64 ids and float32 squared distances, nearest first, padded
-with -1 / +inf when fewer than k eligible items exist, and skip the items in
-each query's ``exclude`` row.
+with -1 / +inf when fewer than k eligible items exist (at most as many
+columns as there are vectors), and skip the items in each query's
+``exclude`` row and the ``exclude_ids`` of every query.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Protocol, Union
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import as_csr, as_queries, as_vectors, check_int
+from ._checks import as_csr, as_id_list, as_queries, as_vectors, check_int
 from .kernels import topk_l2
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "HnswIndex",
     "NearestNeighbourIndex",
     "build_index",
-    "exclusion_rows",
     "neighbour_recall",
     "search_subset",
     "top_n",
@@ -41,7 +41,12 @@ class NearestNeighbourIndex(Protocol):
     """What every backend offers."""
 
     def query(
-        self, queries: Any, k: int = 10, exclude: Any | None = None, num_threads: int = 0
+        self,
+        queries: Any,
+        k: int = 10,
+        exclude: Any | None = None,
+        num_threads: int = 0,
+        exclude_ids: Any | None = None,
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
     def memory_bytes(self) -> int: ...
@@ -66,10 +71,15 @@ class ExactIndex:
         return int(self.vectors.shape[0])
 
     def query(
-        self, queries: Any, k: int = 10, exclude: Any | None = None, num_threads: int = 0
+        self,
+        queries: Any,
+        k: int = 10,
+        exclude: Any | None = None,
+        num_threads: int = 0,
+        exclude_ids: Any | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact ``(ids, sqdist)`` of the k nearest vectors (see :func:`cml_rs.topk_l2`)."""
-        return topk_l2(queries, self.vectors, k, exclude=exclude, num_threads=num_threads)
+        return topk_l2(queries, self.vectors, k, exclude=exclude, num_threads=num_threads, exclude_ids=exclude_ids)
 
     knn_query = query
 
@@ -101,7 +111,7 @@ class HnswIndex:
             import hnswlib
         except ImportError as error:
             raise ImportError("the HNSW backend needs hnswlib: pip install 'cml-rs[hnsw]'") from error
-        self.vectors = as_vectors(vectors, "vectors")
+        self.vectors = _finite(as_vectors(vectors, "vectors"), "vectors")
         if len(self.vectors) == 0:
             raise ValueError("cannot index an empty set of vectors")
         self.M, self.ef_construction, self.ef = M, ef_construction, check_int(ef, "ef")
@@ -121,17 +131,26 @@ class HnswIndex:
         self.ef = check_int(ef, "ef")
 
     def query(
-        self, queries: Any, k: int = 10, exclude: Any | None = None, num_threads: int = 0
+        self,
+        queries: Any,
+        k: int = 10,
+        exclude: Any | None = None,
+        num_threads: int = 0,
+        exclude_ids: Any | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, sqdist)`` of the (approximately) k nearest vectors."""
         query_array, single = as_queries(queries)
         if query_array.shape[1] != self.dim:
             raise ValueError(f"queries must have {self.dim} columns (the index dimension), got {query_array.shape[1]}")
-        k = check_int(k, "k")
-        threads = _hnsw_threads(check_int(num_threads, "num_threads", minimum=0))
+        _finite(query_array, "queries")
         n = len(self)
+        k = min(check_int(k, "k"), n)
+        threads = _hnsw_threads(check_int(num_threads, "num_threads", minimum=0, maximum=1024))
         excluded = _exclusions_for(exclude, len(query_array), n)
+        banned = as_id_list(exclude_ids, "exclude_ids")
+        banned = banned[banned < n].astype(np.int64) if banned is not None else np.zeros(0, np.int64)
         counts = np.diff(excluded.indptr) if excluded is not None else np.zeros(len(query_array), np.int64)
+        counts = counts + len(banned)
         ids = np.full((len(query_array), k), -1, dtype=np.int64)
         dist = np.full((len(query_array), k), np.inf, dtype=np.float32)
         # Group queries by how many extra results they need (0, 1, 2-3, 4-7, ...).
@@ -142,9 +161,11 @@ class HnswIndex:
             found, found_dist = self._knn(query_array[rows], fetch, threads)
             for r, row in enumerate(rows):
                 keep = found[r] >= 0
-                if excluded is not None and counts[row]:
+                if excluded is not None and excluded.indptr[row + 1] > excluded.indptr[row]:
                     seen = excluded.indices[excluded.indptr[row] : excluded.indptr[row + 1]]
                     keep &= ~np.isin(found[r], seen)
+                if len(banned):
+                    keep &= ~np.isin(found[r], banned)
                 chosen = np.flatnonzero(keep)[:k]
                 ids[row, : len(chosen)] = found[r, chosen]
                 dist[row, : len(chosen)] = found_dist[r, chosen]
@@ -172,6 +193,14 @@ class HnswIndex:
 
 def _hnsw_threads(num_threads: int) -> int:
     return -1 if num_threads == 0 else num_threads
+
+
+def _finite(array: np.ndarray, name: str) -> np.ndarray:
+    """``array`` when it holds no NaN or infinity (hnswlib would index or search them silently)."""
+    if not np.all(np.isfinite(array)):
+        row, column = np.argwhere(~np.isfinite(array))[0]
+        raise ValueError(f"{name}[{row}, {column}] is {array[row, column]}; every value must be finite")
+    return array
 
 
 def build_index(
@@ -228,27 +257,6 @@ def _exclusions_for(exclude: Any | None, n_queries: int, n_items: int) -> sp.csr
 TAIL_SCORE = -np.finfo(np.float32).max
 
 
-def exclusion_rows(
-    n_queries: int, n_items: int, liked: sp.csr_matrix | None, banned: np.ndarray | None
-) -> sp.csr_matrix | None:
-    """One row per query of the item ids to skip: its liked items plus the banned ones."""
-    parts = []
-    if liked is not None and liked.nnz:
-        parts.append(sp.csr_matrix(liked, dtype=np.float32))
-    if banned is not None and len(banned):
-        rows = np.repeat(np.arange(n_queries), len(banned))
-        parts.append(
-            sp.csr_matrix(
-                (np.ones(len(rows), np.float32), (rows, np.tile(banned, n_queries))),
-                shape=(n_queries, n_items),
-            )
-        )
-    if not parts:
-        return None
-    total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    return total.tocsr()
-
-
 def search_subset(
     vectors: np.ndarray, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None, allowed: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +288,8 @@ def top_n(
     """The model-level top-N: ``(ids, scores)``, one row per query, never padded.
 
     Candidates are ``allowed`` (default: every row of ``vectors``) minus
-    ``banned``; each row has ``min(n, number of candidates)`` entries. The
+    ``banned`` (skipped inside the search: memory O(len(banned)), not per
+    query); each row has ``min(n, number of candidates)`` entries. The
     query's nearest candidates that it has not ``liked`` come first, scored by
     minus their squared distance; when fewer than that remain, the row is
     completed with its liked candidates, nearest first, scored ``TAIL_SCORE``
@@ -296,13 +305,19 @@ def top_n(
     width = min(n, (n_vectors if candidates is None else len(candidates)) - len(banned))
     if width <= 0:
         return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-    exclude = exclusion_rows(len(queries), n_vectors, liked, banned)
+    exclude = sp.csr_matrix(liked, dtype=np.float32) if liked is not None and liked.nnz else None
 
     def search(rows: np.ndarray | slice, searcher: Any) -> tuple[np.ndarray, np.ndarray]:
         row_exclude = exclude[rows] if exclude is not None else None
         if candidates is not None:
-            return search_subset(vectors, queries[rows], width, row_exclude, candidates)
-        return searcher.query(queries[rows], width, exclude=row_exclude, num_threads=num_threads)
+            return search_subset(vectors, queries[rows], width, row_exclude, np.setdiff1d(candidates, banned))
+        return searcher.query(
+            queries[rows],
+            width,
+            exclude=row_exclude,
+            num_threads=num_threads,
+            exclude_ids=banned if len(banned) else None,
+        )
 
     ids, sqdist = search(slice(None), index)
     short = np.flatnonzero((ids < 0).any(axis=1))

@@ -14,10 +14,13 @@ model back to the start of its epoch and raises ``FloatingPointError``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
+import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -25,6 +28,7 @@ import scipy.sparse as sp
 import torch
 
 from . import _native
+from ._io import NpzReader, meta_int, open_npz, save_npz
 from .evaluation import ranking_metrics_at_k
 from .nn import (
     clip_rows,
@@ -232,27 +236,46 @@ class Trainer:
             self.stale += 1
         return self.stale >= model.patience
 
-    def run(self, show_progress: bool, callback: Callback | None) -> None:
+    def run(
+        self,
+        show_progress: bool,
+        callback: Callback | None,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+    ) -> None:
         """Epochs until ``epochs``, early stopping or the callback says stop; keeps the best state.
 
         Every ``eval_every`` epochs: with validation data, recall@``eval_k`` is
         measured and the best weights kept; without, the training loss is
         compared with its best (:meth:`loss_plateaued`). Either way training
-        stops after ``patience`` checks without progress.
+        stops after ``patience`` checks without progress. With ``checkpoint``,
+        the whole state of the fit is written there (atomically) every
+        ``checkpoint_every`` epochs and when it ends; a fit started with an
+        existing checkpoint of the same data and settings resumes from it and
+        ends exactly where an uninterrupted fit would.
         """
         from tqdm.auto import tqdm
 
         model = self.model
         model.history_, model.best_epoch_ = [], None
+        first_epoch = 0
+        if checkpoint is not None and Path(checkpoint).exists():
+            first_epoch, finished = self.load_checkpoint(checkpoint)
+            if finished:
+                if self.best_state is not None:
+                    restore(model, self.best_state)
+                return
         report = _callback_caller(callback)
         if self.validation is not None:
             rule = f"stops when validation recall@{model.eval_k} stalls"
         else:
             rule = f"no validation: stops when the loss falls < {model.tolerance:.1%} in {model.patience} checks"
-        start = time.perf_counter()
-        bar = tqdm(total=model.epochs, disable=not show_progress, unit="epoch", desc=f"CML ({rule})")
+        start = time.perf_counter() - (model.history_[-1]["elapsed"] if model.history_ else 0.0)
+        bar = tqdm(
+            total=model.epochs, initial=first_epoch, disable=not show_progress, unit="epoch", desc=f"CML ({rule})"
+        )
         try:
-            for epoch in range(model.epochs):
+            for epoch in range(first_epoch, model.epochs):
                 epoch_loss = self.run_epoch(epoch)
                 metrics: dict[str, float] = {}
                 check = (epoch + 1) % model.eval_every == 0 or epoch + 1 == model.epochs
@@ -267,14 +290,93 @@ class Trainer:
                     postfix["best"] = f"{self.best_recall:.4f}"
                 bar.set_postfix(postfix)
                 bar.update(1)
-                if report(epoch, elapsed, epoch_loss, metrics) is False:
-                    break
-                if plateaued or (self.validation is not None and self.stale >= model.patience):
+                stop = report(epoch, elapsed, epoch_loss, metrics) is False
+                stop = stop or plateaued or (self.validation is not None and self.stale >= model.patience)
+                last = stop or epoch + 1 == model.epochs
+                if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or last):
+                    self.save_checkpoint(checkpoint, epoch, finished=last)
+                if stop:
                     break
         finally:
             bar.close()
         if self.best_state is not None:
             restore(model, self.best_state)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def fingerprint(self) -> str:
+        """A hash of the training and validation data and the settings, so a checkpoint
+        is only ever resumed by the fit it came from."""
+        digest = hashlib.sha256()
+        for part in (self.train, self.validation, self.features):
+            if part is None:
+                digest.update(b"none")
+                continue
+            digest.update(np.asarray(part.shape, np.int64).tobytes())
+            digest.update(np.ascontiguousarray(part.indptr, dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(part.indices, dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(part.data, dtype=np.float32).tobytes())
+        settings = {k: v for k, v in self.model.hyperparameters().items() if k != "device"}
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def save_checkpoint(self, path: str | os.PathLike, epoch: int, finished: bool) -> None:
+        """Writes everything the rest of the fit depends on: the model, the optimiser,
+        the best state so far, the early-stopping counters, the history and the torch
+        random state (dropout); the data's streams are keyed by epoch and need none."""
+        model = self.model
+        tree = {
+            "model": _module_state(model),
+            "best": self.best_state,
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        arrays: dict[str, np.ndarray] = {}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": self.fingerprint(),
+            "epoch": epoch,
+            "finished": finished,
+            "best_recall": self.best_recall,
+            "best_loss": self.best_loss if np.isfinite(self.best_loss) else None,
+            "stale": self.stale,
+            "latest_recall": self.latest_recall,
+            "best_epoch": model.best_epoch_,
+            "history": model.history_,
+            "state": _flatten(tree, "", arrays),
+        }
+        save_npz(path, arrays, meta)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> tuple[int, bool]:
+        """Restores a checkpoint of this fit; returns the next epoch and whether it had finished."""
+        model = self.model
+        with open_npz(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION) as reader:
+            meta = reader.meta
+            if meta.get("fingerprint") != self.fingerprint():
+                raise ValueError(
+                    f"{reader.name} is the checkpoint of another fit (other data or settings); "
+                    f"delete it or pass another checkpoint path to start over"
+                )
+            try:
+                tree = _unflatten(meta["state"], reader)
+                _load_module_state(model, tree["model"])
+                self.best_state = tree["best"]
+                self.optimizer.load_state_dict(tree["optimizer"])
+                torch.set_rng_state(tree["torch_rng"])
+                epoch = meta_int(meta, "epoch", reader.name)
+                self.best_recall = float(meta["best_recall"])
+                self.best_loss = float("inf") if meta["best_loss"] is None else float(meta["best_loss"])
+                self.stale = meta_int(meta, "stale", reader.name)
+                self.latest_recall = None if meta["latest_recall"] is None else float(meta["latest_recall"])
+                model.best_epoch_ = meta_int(meta, "best_epoch", reader.name, optional=True)
+                model.history_ = list(meta["history"])
+                finished = bool(meta["finished"])
+            except (KeyError, TypeError, RuntimeError) as error:
+                raise ValueError(
+                    f"{reader.name}: the checkpoint is incomplete ({error}); the file is damaged"
+                ) from None
+        return epoch + 1, finished
 
 
 def _callback_caller(callback: Callback | None) -> Callable[[int, float, float, dict], Any]:
@@ -358,6 +460,57 @@ def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
             if not bool(torch.isfinite(values).all()):
                 return False
     return True
+
+
+CHECKPOINT_FORMAT = "cml-rs-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _module_state(model: CollaborativeMetricLearning) -> Snapshot:
+    """The trainable state as a list of state dicts (embedding, feature network)."""
+    return snapshot(model)
+
+
+def _load_module_state(model: CollaborativeMetricLearning, state: Snapshot) -> None:
+    with torch.no_grad():
+        restore(model, state)
+
+
+def _flatten(value: Any, name: str, arrays: dict[str, np.ndarray]) -> Any:
+    """``value`` (nested dicts, lists, tensors, numbers) as JSON, each tensor stored in
+    ``arrays`` under a name and replaced by a reference giving its name, shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        array = value.detach().cpu().numpy()
+        arrays[name] = array
+        return {"__array__": name, "shape": list(array.shape), "dtype": array.dtype.str}
+    if isinstance(value, dict):
+        return {
+            "__dict__": [
+                [_flatten(k, f"{name}.k{i}", arrays), _flatten(v, f"{name}.{i}", arrays)]
+                for i, (k, v) in enumerate(value.items())
+            ]
+        }
+    if isinstance(value, (list, tuple)):
+        return {
+            "__list__": [_flatten(v, f"{name}.{i}", arrays) for i, v in enumerate(value)],
+            "tuple": isinstance(value, tuple),
+        }
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _unflatten(value: Any, reader: NpzReader) -> Any:
+    """The inverse of :func:`_flatten`, each array read with the shape it was declared with."""
+    if isinstance(value, dict) and "__array__" in value:
+        shape = tuple(int(n) for n in value["shape"])
+        return torch.from_numpy(reader.array(str(value["__array__"]), shape, np.dtype(str(value["dtype"]))))
+    if isinstance(value, dict) and "__dict__" in value:
+        return {_unflatten(k, reader): _unflatten(v, reader) for k, v in value["__dict__"]}
+    if isinstance(value, dict) and "__list__" in value:
+        items = [_unflatten(v, reader) for v in value["__list__"]]
+        return tuple(items) if value.get("tuple") else items
+    return value
 
 
 def snapshot(model: CollaborativeMetricLearning) -> Snapshot:
