@@ -18,6 +18,7 @@ import io
 import json
 import os
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -43,6 +44,8 @@ ARCHIVE_ERRORS = (
     ValueError,
     KeyError,
     OverflowError,
+    SyntaxError,
+    tokenize.TokenError,
 )
 
 #: Largest JSON metadata member read (a model's history is the bulk of it).
@@ -156,7 +159,7 @@ class NpzReader:
                     header = np.lib.format.read_array_header_2_0(handle, max_header_size=10_000)
                 else:
                     raise ValueError(f"npy format version {version}")
-            except (ValueError, SyntaxError, TypeError, EOFError) as error:
+            except (ValueError, SyntaxError, TypeError, EOFError, tokenize.TokenError) as error:
                 raise ValueError(f"{self.name}: the member {member!r} has an unreadable header ({error})") from None
             got_shape, fortran, got_dtype = header
             if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != dtype or fortran:
