@@ -197,17 +197,6 @@ def test_every_option_changes_the_fit(options):
     assert np.linalg.norm(changed.user_factors, axis=1).max() <= radius * (1 + 1e-5)
 
 
-def test_cml_plus_features():
-    data = datasets.synthetic(n_users=200, n_items=100, n_interactions=3000, n_clusters=4, seed=3)
-    clusters = np.array([int(label.split()[1]) for label in data.item_labels])
-    features = sp.csr_matrix(np.eye(4, dtype=np.float32)[clusters])
-    model = small_model(epochs=3).fit(data.user_items, show_progress=False, item_features=features)
-    assert model.projector_ is not None
-    assert model.item_factors.shape == (100, 16)
-    with pytest.raises(ValueError, match="one row per item"):
-        small_model(epochs=1).fit(data.user_items, show_progress=False, item_features=features[:10])
-
-
 def test_fit_errors_name_the_problem(fitted):
     _, matrix = fitted
     wide = small_model(epochs=1).fit(checkerboard(30, 40), show_progress=False)

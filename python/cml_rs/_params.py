@@ -100,8 +100,17 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("hardest_only", True, "only the hardest negative counts (else every impostor)", bool),
     Hyperparameter("max_norm", 1.0, "radius of the ball the vectors are kept in", float, 0.0, 1e6, True),
     Hyperparameter("lambda_f", 1.0, "weight of the feature loss (CML+F)", float, 0.0, 1e6, flag="--lambda-f"),
+    Hyperparameter("lambda_g", 1.0, "weight of the user-feature loss", float, 0.0, 1e6, flag="--lambda-g"),
     Hyperparameter("feature_hidden", 256, "hidden width of the feature network", int, 1, 1 << 20),
     Hyperparameter("feature_dropout", 0.5, "dropout of the feature network's hidden layer", float, 0.0, 0.99),
+    Hyperparameter(
+        "feature_tie_below",
+        0,
+        "items with fewer training interactions take their vector from the feature network (0: none)",
+        int,
+        0,
+        1 << 31,
+    ),
     Hyperparameter(
         "fold_in_epochs",
         20,

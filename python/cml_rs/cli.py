@@ -118,13 +118,23 @@ def _model_and_dataset(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, dataset
 
 
+def _feature_blocks(available: dict, names: list[str] | None, dataset: str, side: str) -> dict | None:
+    """The named feature blocks of a data set ('all': every one), or None when none is asked for."""
+    if not names:
+        return None
+    chosen = sorted(available) if names == ["all"] else names
+    missing = [n for n in chosen if n not in available]
+    if missing or not chosen:
+        raise ValueError(f"{dataset} has no {side} feature block {missing or names}; it has {sorted(available)}")
+    return {name: available[name] for name in chosen}
+
+
 def command_train(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args.dataset, args.data_dir)
     split = _split(dataset, args, seed=args.random_state)
     model = _model_from_args(args)
-    features = dataset.item_features.get(args.features) if args.features else None
-    if args.features and features is None:
-        raise ValueError(f"{dataset.name} has no feature set {args.features!r}; it has {sorted(dataset.item_features)}")
+    features = _feature_blocks(dataset.item_features, args.features, dataset.name, "item")
+    user_features = _feature_blocks(dataset.user_features, args.user_features, dataset.name, "user")
     detected = f" ({dataset.note})" if dataset.note else ""
     print(f"{dataset}{detected}\nsplit: {_split_sizes(split)} ({split.note})")
     start = time.perf_counter()
@@ -134,6 +144,7 @@ def command_train(args: argparse.Namespace) -> int:
         validation=validation,
         show_progress=not args.no_progress,
         item_features=features,
+        user_features=user_features,
         checkpoint=args.checkpoint,
         checkpoint_every=args.checkpoint_every,
     )
@@ -281,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="citeulike-t, ml-100k, ml-1m-implicit, ml-latest-small, gowalla, synthetic, or a CSV/TSV file",
     )
     train.add_argument("--out", help="save the trained model here (.npz)")
-    train.add_argument("--features", help="train CML+F with this item feature set (e.g. tags)")
+    train.add_argument(
+        "--features", nargs="+", help="train CML+F with these item feature blocks (e.g. tags words), or 'all'"
+    )
+    train.add_argument("--user-features", nargs="+", help="user feature blocks (e.g. age gender occupation), or 'all'")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
         "--checkpoint",

@@ -62,6 +62,8 @@ class Dataset:
         Side information for CML+F (tags, words, genres).
     feature_names : dict of str -> list of str
         Column names of each feature matrix.
+    user_features, user_feature_names : dict
+        The same for users (ml-100k and ml-1m-implicit: age group, gender, occupation).
     user_ids, item_ids : ndarray
         The original id of each row / column.
     item_labels : ndarray of str, optional
@@ -80,6 +82,8 @@ class Dataset:
     user_items: sp.csr_matrix
     item_features: dict[str, sp.csr_matrix] = field(default_factory=dict)
     feature_names: dict[str, list[str]] = field(default_factory=dict)
+    user_features: dict[str, sp.csr_matrix] = field(default_factory=dict)
+    user_feature_names: dict[str, list[str]] = field(default_factory=dict)
     user_ids: np.ndarray | None = None
     item_ids: np.ndarray | None = None
     item_labels: np.ndarray | None = None
@@ -272,8 +276,35 @@ def _load_mult(path: Path) -> sp.csr_matrix:
     )
 
 
+#: MovieLens 1M's age groups (its users.dat codes), used for ml-100k's exact ages too.
+AGE_GROUPS = [(1, "under 18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"), (50, "50-55"), (56, "56+")]
+
+
+def _age_group(age: int) -> int:
+    return max(i for i, (start, _) in enumerate(AGE_GROUPS) if age >= start or i == 0)
+
+
+def _user_blocks(rows: list[tuple[int, str, str]], occupations: list[str]) -> tuple[dict, dict]:
+    """One-hot blocks "age", "gender", "occupation" from (age group, gender, occupation) per user."""
+    n = len(rows)
+    genders = sorted({g for _, g, _ in rows})
+    column = {o: i for i, o in enumerate(occupations)}
+
+    def one_hot(values: list[int], width: int) -> sp.csr_matrix:
+        return sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), values)), shape=(n, width))
+
+    blocks = {
+        "age": one_hot([a for a, _, _ in rows], len(AGE_GROUPS)),
+        "gender": one_hot([genders.index(g) for _, g, _ in rows], len(genders)),
+        "occupation": one_hot([column[o] for _, _, o in rows], len(occupations)),
+    }
+    names = {"age": [name for _, name in AGE_GROUPS], "gender": genders, "occupation": occupations}
+    return blocks, names
+
+
 def load_movielens_100k(path: str | os.PathLike | None = None, min_rating: float = 4.0) -> Dataset:
-    """MovieLens 100K: ratings >= ``min_rating`` are positives; 19 genre flags as features."""
+    """MovieLens 100K: ratings >= ``min_rating`` are positives; 19 genre flags as item
+    features; age group, gender and occupation (u.user) as user features."""
     folder = _folder(path, "ml-100k")
     users, items, ratings = [], [], []
     for number, text in _lines(folder / "u.data"):
@@ -304,11 +335,31 @@ def load_movielens_100k(path: str | os.PathLike | None = None, min_rating: float
         flags[movie - 1] = genre_flags
         titles[movie - 1] = title
     genres = sp.csr_matrix(flags)
+    user_blocks, user_names = {}, {}
+    if (folder / "u.user").exists():
+        occupations = [text.strip() for _, text in _lines(folder / "u.occupation") if text.strip()]
+        people: dict[int, tuple[int, str, str]] = {}
+        for number, text in _lines(folder / "u.user"):
+            if not text:
+                continue
+            parts = text.split("|")
+            try:
+                people[int(parts[0])] = (_age_group(int(parts[1])), parts[2], parts[3])
+            except (ValueError, IndexError):
+                raise ValueError(f"{folder / 'u.user'}:{number}: expected 'id|age|gender|occupation|zip'") from None
+            if parts[3] not in occupations:
+                raise ValueError(f"{folder / 'u.user'}:{number}: occupation {parts[3]!r} is not in u.occupation")
+        missing = [u for u in range(1, n_users + 1) if u not in people]
+        if missing:
+            raise ValueError(f"{folder / 'u.user'}: user {missing[0]} is not described")
+        user_blocks, user_names = _user_blocks([people[u] for u in range(1, n_users + 1)], occupations)
     return Dataset(
         name="ml-100k",
         user_items=user_items,
         item_features={"genres": genres},
         feature_names={"genres": genre_names},
+        user_features=user_blocks,
+        user_feature_names=user_names,
         user_ids=np.arange(1, n_users + 1),
         item_ids=np.arange(1, n_items + 1),
         item_labels=_first_feature_labels(genres, genre_names),
@@ -400,11 +451,28 @@ def load_movielens_1m_implicit(path: str | os.PathLike | None = None) -> Dataset
         cols.extend(column[g] for g in genres)
     genres = _binary(np.asarray(rows), np.asarray(cols), (len(item_ids), len(genre_names)))
     empty = sp.csr_matrix(train.shape, dtype=np.float32)
+    user_blocks, user_names = {}, {}
+    if (folder / "users.dat").exists():
+        codes = {start: i for i, (start, _) in enumerate(AGE_GROUPS)}
+        people = {}
+        for number, text in _lines(folder / "users.dat", encoding="latin-1"):
+            if not text:
+                continue
+            parts = text.split("::")
+            if len(parts) < 4 or not parts[2].isdigit() or int(parts[2]) not in codes:
+                raise ValueError(f"{folder / 'users.dat'}:{number}: expected 'id::gender::age::occupation::zip'")
+            people[parts[0]] = (codes[int(parts[2])], parts[1], parts[3])
+        occupations = sorted({o for _, _, o in people.values()}, key=lambda o: (len(o), o))
+        described = [people.get(str(u)) for u in user_ids]
+        if all(d is not None for d in described):
+            user_blocks, user_names = _user_blocks(described, occupations)
     return Dataset(
         name="ml-1m-implicit",
         user_items=(train + test).tocsr(),
         item_features={"genres": genres},
         feature_names={"genres": genre_names},
+        user_features=user_blocks,
+        user_feature_names=user_names,
         user_ids=user_ids,
         item_ids=item_ids,
         item_labels=_first_feature_labels(genres, genre_names),

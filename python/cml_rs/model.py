@@ -25,6 +25,7 @@ from . import __version__
 from ._checks import as_csr, as_ids, check_ids_below, check_int, require_csr
 from ._io import NpzReader, PathOrFile, meta_int, open_npz, save_npz
 from ._params import HYPERPARAMETERS, check_hyperparameters
+from .features import FeatureLayout, prepare
 from .nn import CMLEmbedding, FeatureProjector, torch_sparse
 from .retrieval import Backend, build_index, top_n
 from .training import Callback, Trainer, fold_in, torch_threads
@@ -83,6 +84,13 @@ class CollaborativeMetricLearning:
     lambda_f, feature_hidden, feature_dropout :
         CML+F: weight of the feature loss, hidden width and dropout of the MLP f
         (paper: 1, 256, 0.5). Used when ``fit`` gets ``item_features``.
+    lambda_g :
+        Weight of the user-feature loss: the network g pulls each user's vector
+        towards g(y_i), as f does for items. Used when ``fit`` gets ``user_features``.
+    feature_tie_below : int
+        After fitting, items with fewer than this many training interactions
+        take their vector from the feature network, v_j = f(x_j), instead of
+        their own poorly estimated one (0: never).
     fold_in_epochs : int
         Passes over a row's interactions when it is folded in
         (``recalculate_user``, ``recalculate_item``, ``partial_fit_users``,
@@ -141,8 +149,10 @@ class CollaborativeMetricLearning:
         hardest_only: bool = True,
         max_norm: float = 1.0,
         lambda_f: float = 1.0,
+        lambda_g: float = 1.0,
         feature_hidden: int = 256,
         feature_dropout: float = 0.5,
+        feature_tie_below: int = 0,
         fold_in_epochs: int = 20,
         eval_every: int = 2,
         patience: int = 5,
@@ -158,7 +168,10 @@ class CollaborativeMetricLearning:
             setattr(self, name, value)
         self.device = torch.device(device)
         self.embedding_: CMLEmbedding | None = None
-        self.projector_: FeatureProjector | None = None
+        self.item_network_: FeatureProjector | None = None
+        self.user_network_: FeatureProjector | None = None
+        self.item_feature_layout_: FeatureLayout | None = None
+        self.user_feature_layout_: FeatureLayout | None = None
         self.history_: list[dict[str, Any]] = []
         self.best_epoch_: int | None = None
         self._indexes: dict[Any, Any] = {}
@@ -219,6 +232,7 @@ class CollaborativeMetricLearning:
         item_features: Any | None = None,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
+        user_features: Any | None = None,
     ) -> CollaborativeMetricLearning:
         """Learns user and item vectors from implicit feedback.
 
@@ -239,8 +253,13 @@ class CollaborativeMetricLearning:
             after ``patience`` evaluations without improvement. Without it,
             training stops once the training loss stops falling (see ``tolerance``);
             the progress bar says which rule applies.
-        item_features : scipy.sparse matrix (n_items, n_features), optional
-            Item side information for CML+F.
+        item_features : scipy.sparse matrix (n_items, n_features) or dict of them, optional
+            Item side information for CML+F (one matrix, or named blocks such as
+            ``{"tags": ..., "words": ...}``, each normalised on its own; see
+            :mod:`cml_rs.features`). Per step the network f runs on the batch's
+            items only.
+        user_features : scipy.sparse matrix (n_users, n_features) or dict of them, optional
+            User side information: a second network g pulls each user towards g(y_i).
         checkpoint : path, optional
             Where the fit's whole state is written, atomically, every
             ``checkpoint_every`` epochs and at the end. If the file exists (a
@@ -287,43 +306,111 @@ class CollaborativeMetricLearning:
         valid = as_csr(validation, "validation") if validation is not None else None
         if valid is not None and valid.shape != train.shape:
             raise ValueError(_shape_hint("validation", valid.shape, train.shape))
-        features = None
+        items_x = users_y = None
         if item_features is not None:
-            features = as_csr(item_features, "item_features")
-            if features.shape[0] != n_items:
-                raise ValueError(
-                    f"item_features must have one row per item ({n_items}), got shape {features.shape}"
-                    + ("; pass its transpose" if features.shape[1] == n_items else "")
-                )
-            if features.nnz and (not np.all(np.isfinite(features.data)) or features.data.min() < 0):
-                raise ValueError("item_features must hold finite, non-negative values (counts, flags or weights)")
+            items_x, self.item_feature_layout_ = prepare(item_features, n_items, "item_features")
+        if user_features is not None:
+            users_y, self.user_feature_layout_ = prepare(user_features, n_users, "user_features")
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
 
         with torch_threads(self.num_threads):
-            warm_start = self.fitted and features is None and self.projector_ is None
+            warm_start = self.fitted and items_x is None and users_y is None and self.item_network_ is None
             if not warm_start:
-                self._build(n_users, n_items, features)
-            trainer = Trainer(self, train, valid, features)
+                self._build(n_users, n_items, items_x, users_y)
+            trainer = Trainer(self, train, valid, items_x, users_y)
             trainer.run(show_progress, callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+            if items_x is not None and self.feature_tie_below > 0:
+                self._tie_rare_items(train, items_x)
         self._indexes.clear()
         return self
 
-    def _build(self, n_users: int, n_items: int, features: sp.csr_matrix | None) -> None:
-        """Fresh vectors (and feature network): N(0, 1/sqrt(r)) rows clipped to the ball, or f(x_j) for items."""
+    def _build(self, n_users: int, n_items: int, items_x: sp.csr_matrix | None, users_y: sp.csr_matrix | None) -> None:
+        """Fresh vectors: N(0, 1/sqrt(r)) rows clipped to the ball; with features, a feature
+        network per side and the vectors starting at its output (the paper's CML+F start)."""
         generator = torch.Generator().manual_seed(self.random_state)
         embedding = CMLEmbedding(n_users, n_items, self.factors, self.max_norm, generator=generator)
-        self.projector_ = None
-        if features is not None:
-            torch.manual_seed(self.random_state)
-            self.projector_ = FeatureProjector(
-                features.shape[1], self.factors, self.feature_hidden, self.feature_dropout, self.max_norm
-            )
-            self.projector_.eval()
-            with torch.no_grad():  # CML+F: item vectors start at f(x_j)
-                embedding.items.copy_(self.projector_(torch_sparse(features)))
-            self.projector_.train()
-            self.projector_.to(self.device)
+        torch.manual_seed(self.random_state)
+        self.item_network_ = self._network(items_x, embedding.items)
+        self.user_network_ = self._network(users_y, embedding.users)
+        if items_x is None:
+            self.item_feature_layout_ = None
+        if users_y is None:
+            self.user_feature_layout_ = None
         self.embedding_ = embedding.to(self.device)
+
+    def _network(self, features: sp.csr_matrix | None, vectors: torch.Tensor) -> FeatureProjector | None:
+        """A feature network for ``features``, with ``vectors`` set to its (eval-mode) output."""
+        if features is None:
+            return None
+        network = FeatureProjector(
+            features.shape[1], self.factors, self.feature_hidden, self.feature_dropout, self.max_norm
+        )
+        network.eval()
+        with torch.no_grad():
+            for start in range(0, features.shape[0], 65536):
+                block = features[start : start + 65536]
+                vectors[start : start + block.shape[0]] = network(torch_sparse(block))
+        network.train()
+        return network.to(self.device)
+
+    def _tie_rare_items(self, train: sp.csr_matrix, items_x: sp.csr_matrix) -> None:
+        """Items seen fewer than ``feature_tie_below`` times take v_j = f(x_j)."""
+        counts = np.asarray((train > 0).sum(axis=0)).ravel()
+        rare = np.flatnonzero(counts < self.feature_tie_below)
+        if len(rare):
+            vectors = torch.from_numpy(self._project(self.item_network_, items_x[rare])).to(self.device)
+            with torch.no_grad():
+                self.embedding_.items[torch.from_numpy(rare).to(self.device)] = vectors
+
+    # ------------------------------------------------------------------ cold start
+
+    def _project(self, network: FeatureProjector, features: sp.csr_matrix) -> np.ndarray:
+        """The network's output (eval mode: no dropout) for prepared ``features``."""
+        network.eval()
+        try:
+            with torch.no_grad(), torch_threads(self.num_threads):
+                return network(torch_sparse(features).to(self.device)).cpu().numpy()
+        finally:
+            network.train()
+
+    def item_vectors_from_features(self, item_features: Any) -> np.ndarray:
+        """Vectors for items described only by their features (cold start): f(x), in the
+        ball, comparable with the trained items. ``item_features`` has the blocks
+        (names and widths) the model was trained with; the model is not changed."""
+        if self.item_network_ is None or self.item_feature_layout_ is None:
+            raise ValueError("this model was fitted without item_features; it has no network to map features")
+        n = _feature_rows(item_features, "item_features")
+        features, _ = prepare(item_features, n, "item_features", self.item_feature_layout_)
+        return self._project(self.item_network_, features)
+
+    def user_vectors_from_features(self, user_features: Any) -> np.ndarray:
+        """Vectors for users described only by their features: g(y) (see :meth:`item_vectors_from_features`)."""
+        if self.user_network_ is None or self.user_feature_layout_ is None:
+            raise ValueError("this model was fitted without user_features; it has no network to map features")
+        n = _feature_rows(user_features, "user_features")
+        features, _ = prepare(user_features, n, "user_features", self.user_feature_layout_)
+        return self._project(self.user_network_, features)
+
+    def add_items(self, item_features: Any) -> np.ndarray:
+        """Adds items known only by their features (vectors f(x)); returns their new ids, which
+        recommend, similar_items and partial_fit_items then accept like any others."""
+        return self._grow("items", self.item_vectors_from_features(item_features))
+
+    def add_users(self, user_features: Any) -> np.ndarray:
+        """Adds users known only by their features (vectors g(y)); returns their new ids."""
+        return self._grow("users", self.user_vectors_from_features(user_features))
+
+    def _grow(self, side: str, vectors: np.ndarray) -> np.ndarray:
+        embedding = self._require_fitted()
+        table = embedding.users if side == "users" else embedding.items
+        first = table.shape[0]
+        grown = torch.nn.Parameter(torch.cat([table.detach(), torch.from_numpy(vectors).to(self.device)]))
+        if side == "users":
+            embedding.users = grown
+        else:
+            embedding.items = grown
+        self._indexes.clear()
+        return np.arange(first, first + len(vectors), dtype=np.int32)
 
     # ------------------------------------------------------------------ recommendation
 
@@ -500,28 +587,33 @@ class CollaborativeMetricLearning:
             raise ValueError(f"{name} holds NaN or infinite values")
         return rows
 
-    def _fold_in(self, rows: sp.csr_matrix, side: str) -> np.ndarray:
+    def _fold_in(self, rows: sp.csr_matrix, side: str, start: torch.Tensor | None = None) -> np.ndarray:
         """Vectors learned for ``rows`` with the model frozen (see :func:`cml_rs.training.fold_in`)."""
         with torch_threads(self.num_threads):
-            return fold_in(self, rows, side).cpu().numpy()
+            return fold_in(self, rows, side, start=start).cpu().numpy()
 
     # ------------------------------------------------------------------ fold-in
 
-    def partial_fit_users(self, userids: Any, user_items: Any) -> None:
+    def partial_fit_users(self, userids: Any, user_items: Any, user_features: Any | None = None) -> None:
         """Learns the vectors of ``userids`` from ``user_items`` (one row per id), everything else frozen.
 
         Ids of known users replace their vectors; ids ``n_users, n_users + 1, ...``
         add users (implicit's semantics), and must follow on from the current
-        users without gaps. Costs seconds, not a refit: only these rows are optimised.
+        users without gaps. Costs seconds, not a refit: only these rows are
+        optimised. With ``user_features`` (a model fitted with them), each row
+        starts from g(y) instead of the centroid of its items.
         """
-        self._partial_fit(userids, user_items, "users")
+        start = None if user_features is None else torch.from_numpy(self.user_vectors_from_features(user_features))
+        self._partial_fit(userids, user_items, "users", start)
 
-    def partial_fit_items(self, itemids: Any, item_users: Any) -> None:
+    def partial_fit_items(self, itemids: Any, item_users: Any, item_features: Any | None = None) -> None:
         """Learns the vectors of ``itemids`` from ``item_users`` (one row of users per id), everything
-        else frozen; new ids ``n_items, n_items + 1, ...`` add items (see :meth:`partial_fit_users`)."""
-        self._partial_fit(itemids, item_users, "items")
+        else frozen; new ids ``n_items, n_items + 1, ...`` add items (see :meth:`partial_fit_users`);
+        with ``item_features``, each row starts from f(x)."""
+        start = None if item_features is None else torch.from_numpy(self.item_vectors_from_features(item_features))
+        self._partial_fit(itemids, item_users, "items", start)
 
-    def _partial_fit(self, ids: Any, interactions: Any, side: str) -> None:
+    def _partial_fit(self, ids: Any, interactions: Any, side: str, start: torch.Tensor | None = None) -> None:
         embedding = self._require_fitted()
         name, other = ("userids", "user_items") if side == "users" else ("itemids", "item_users")
         ids, _ = as_ids(ids, name)
@@ -539,7 +631,9 @@ class CollaborativeMetricLearning:
                 f"without gaps, but {missing} is missing"
             )
         rows = self._rows_of(other, interactions, len(ids), n_cols, name, f"{other}[{name}]")
-        vectors = torch.from_numpy(self._fold_in(rows, side)).to(self.device)
+        if start is not None and len(start) != len(ids):
+            raise ValueError(f"the features describe {len(start)} rows but {name} has {len(ids)} ids")
+        vectors = torch.from_numpy(self._fold_in(rows, side, start)).to(self.device)
         table = embedding.users if side == "users" else embedding.items
         with torch.no_grad():
             grown = torch.cat([table.detach(), table.new_zeros((len(new), table.shape[1]))])
@@ -558,9 +652,10 @@ class CollaborativeMetricLearning:
         arrays: dict[str, np.ndarray] = {}
         if self.fitted:
             arrays = {"user_factors": self.user_factors, "item_factors": self.item_factors}
-        if self.projector_ is not None:
-            for name, tensor in self.projector_.state_dict().items():
-                arrays[f"projector.{name}"] = tensor.detach().cpu().numpy()
+        for prefix, network in (("projector", self.item_network_), ("user_projector", self.user_network_)):
+            if network is not None:
+                for name, tensor in network.state_dict().items():
+                    arrays[f"{prefix}.{name}"] = tensor.detach().cpu().numpy()
         meta = {
             "format": MODEL_FORMAT,
             "version": MODEL_VERSION,
@@ -569,7 +664,10 @@ class CollaborativeMetricLearning:
             "fitted": self.fitted,
             "n_users": self.n_users if self.fitted else None,
             "n_items": self.n_items if self.fitted else None,
-            "n_features": None if self.projector_ is None else int(self.projector_.hidden.in_features),
+            "n_features": None if self.item_network_ is None else int(self.item_network_.hidden.in_features),
+            "n_user_features": None if self.user_network_ is None else int(self.user_network_.hidden.in_features),
+            "item_feature_layout": None if self.item_feature_layout_ is None else self.item_feature_layout_.to_json(),
+            "user_feature_layout": None if self.user_feature_layout_ is None else self.user_feature_layout_.to_json(),
             "best_epoch": self.best_epoch_,
             "history": self.history_,
         }
@@ -617,9 +715,27 @@ class CollaborativeMetricLearning:
             embedding.users = torch.nn.Parameter(torch.from_numpy(users))
             embedding.items = torch.nn.Parameter(torch.from_numpy(items))
             model.embedding_ = embedding.to(model.device)
-            n_features = meta_int(meta, "n_features", source, minimum=1, optional=True)
-            if n_features is not None:
-                model.projector_ = _load_projector(reader, model, n_features).to(model.device)
+            for side, prefix, count in (
+                ("item", "projector", "n_features"),
+                ("user", "user_projector", "n_user_features"),
+            ):
+                n_features = meta_int(meta, count, source, minimum=1, optional=True)
+                if n_features is None:
+                    continue
+                network = _load_projector(reader, model, n_features, prefix).to(model.device)
+                stored_layout = meta.get(f"{side}_feature_layout")
+                try:
+                    layout = (
+                        FeatureLayout.from_json(stored_layout)
+                        if stored_layout is not None
+                        else FeatureLayout([("features", n_features)])
+                    )
+                except ValueError as error:
+                    raise ValueError(f"{source}: {error}; the file is damaged") from None
+                if layout.width != n_features:
+                    raise ValueError(f"{source}: the {side} feature layout does not add up to {n_features} features")
+                setattr(model, f"{side}_network_", network)
+                setattr(model, f"{side}_feature_layout_", layout)
         return model
 
 
@@ -629,8 +745,18 @@ CML = CollaborativeMetricLearning
 # ---------------------------------------------------------------------- helpers
 
 
-def _load_projector(reader: NpzReader, model: CollaborativeMetricLearning, n_features: int) -> FeatureProjector:
-    """The feature network of a saved CML+F model, its arrays checked before it is built."""
+def _feature_rows(features: Any, name: str) -> int:
+    """Rows of a feature matrix or of the first block of a dict of them."""
+    first = next(iter(features.values()), None) if isinstance(features, dict) else features
+    if first is None or not hasattr(first, "shape") or len(first.shape) != 2:
+        raise TypeError(f"{name} must be a scipy.sparse matrix or a dict of them")
+    return int(first.shape[0])
+
+
+def _load_projector(
+    reader: NpzReader, model: CollaborativeMetricLearning, n_features: int, prefix: str
+) -> FeatureProjector:
+    """A feature network of a saved model, its arrays checked before it is built."""
     hidden, dim = model.feature_hidden, model.factors
     shapes = {
         "hidden.weight": (hidden, n_features),
@@ -639,7 +765,7 @@ def _load_projector(reader: NpzReader, model: CollaborativeMetricLearning, n_fea
         "output.bias": (dim,),
     }
     state = {
-        name: torch.from_numpy(reader.array(f"projector.{name}", shape, np.float32)) for name, shape in shapes.items()
+        name: torch.from_numpy(reader.array(f"{prefix}.{name}", shape, np.float32)) for name, shape in shapes.items()
     }
     projector = FeatureProjector(n_features, dim, hidden, model.feature_dropout, model.max_norm)
     projector.load_state_dict(state)

@@ -58,12 +58,14 @@ class Trainer:
         model: CollaborativeMetricLearning,
         train: sp.csr_matrix,
         validation: sp.csr_matrix | None,
-        features: sp.csr_matrix | None,
+        item_features: sp.csr_matrix | None = None,
+        user_features: sp.csr_matrix | None = None,
     ) -> None:
         self.model = model
         self.train = train
         self.validation = validation
-        self.features = features
+        self.item_features = item_features
+        self.user_features = user_features
         self.n_items = train.shape[1]
         self.sparse = model.covariance_rows != "all"
         self.optimizer = _optimizer(model, self.sparse)
@@ -126,9 +128,12 @@ class Trainer:
                 )
                 touched += [("users", sample_users), ("items", sample_items)]
             loss = loss + model.lambda_c * penalty
-        if self.features is not None and model.lambda_f > 0:
-            projected = model.projector_(torch_sparse(self.features[item_ids]).to(device))
+        if self.item_features is not None and model.lambda_f > 0:
+            projected = model.item_network_(torch_sparse(self.item_features[item_ids]).to(device))
             loss = loss + model.lambda_f * feature_loss(projected, item_rows)
+        if self.user_features is not None and model.lambda_g > 0:
+            projected = model.user_network_(torch_sparse(self.user_features[user_ids]).to(device))
+            loss = loss + model.lambda_g * feature_loss(projected, user_rows)
         return loss, touched
 
     def hardest(
@@ -308,7 +313,7 @@ class Trainer:
         """A hash of the training and validation data and the settings, so a checkpoint
         is only ever resumed by the fit it came from."""
         digest = hashlib.sha256()
-        for part in (self.train, self.validation, self.features):
+        for part in (self.train, self.validation, self.item_features, self.user_features):
             if part is None:
                 digest.update(b"none")
                 continue
@@ -427,7 +432,7 @@ class _Optimizers(torch.optim.Optimizer):
 def _optimizer(model: CollaborativeMetricLearning, sparse: bool) -> torch.optim.Optimizer:
     """AdaGrad (sparse gradients welcome) or Adam (SparseAdam for sparse embedding gradients)."""
     embedding = list(model.embedding_.parameters())
-    network = list(model.projector_.parameters()) if model.projector_ is not None else []
+    network = [p for n in (model.item_network_, model.user_network_) if n is not None for p in n.parameters()]
     if model.optimizer == "adagrad":
         return torch.optim.Adagrad(embedding + network, lr=model.learning_rate, initial_accumulator_value=0.0)
     if not sparse:
@@ -513,19 +518,24 @@ def _unflatten(value: Any, reader: NpzReader) -> Any:
     return value
 
 
+def _modules(model: CollaborativeMetricLearning) -> list[torch.nn.Module | None]:
+    """The trainable parts, in a fixed order: embedding, item network, user network."""
+    return [model.embedding_, model.item_network_, model.user_network_]
+
+
 def snapshot(model: CollaborativeMetricLearning) -> Snapshot:
-    """Copies of the model's trainable state (embedding, feature network)."""
-    parts = [model.embedding_.state_dict()]
-    if model.projector_ is not None:
-        parts.append(model.projector_.state_dict())
-    return [{k: v.detach().clone() for k, v in part.items()} for part in parts]
+    """Copies of the model's trainable state (embedding, feature networks; {} for an absent one)."""
+    return [
+        {k: v.detach().clone() for k, v in module.state_dict().items()} if module is not None else {}
+        for module in _modules(model)
+    ]
 
 
 def restore(model: CollaborativeMetricLearning, state: Snapshot) -> None:
     """Puts back a :func:`snapshot`."""
-    model.embedding_.load_state_dict(state[0])
-    if model.projector_ is not None and len(state) > 1:
-        model.projector_.load_state_dict(state[1])
+    for module, part in zip(_modules(model), state):
+        if module is not None:
+            module.load_state_dict(part)
 
 
 @contextlib.contextmanager
@@ -540,14 +550,19 @@ def torch_threads(num_threads: int) -> Iterator[None]:
 
 
 def fold_in(
-    model: CollaborativeMetricLearning, interactions: sp.csr_matrix, side: str, epochs: int | None = None
+    model: CollaborativeMetricLearning,
+    interactions: sp.csr_matrix,
+    side: str,
+    epochs: int | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Vectors for new or changed rows, learned with every other vector frozen.
 
     ``interactions`` has one row per vector to learn; its columns are the
     other side's ids (items when ``side`` is "users", users when "items").
-    Each row starts at the centroid of the vectors it interacted with (a user
-    sits near its items) and is refined by the model's metric loss against
+    Each row starts at ``start`` (e.g. the feature network's output) or else at
+    the centroid of the vectors it interacted with (a user sits near its
+    items), and is refined by the model's metric loss against
     negatives drawn from the other side: ``epochs`` passes (default
     ``fold_in_epochs``) of AdaGrad over its interactions, then clipped to the
     ball. Rows without interactions stay at the centroid of the other side.
@@ -558,9 +573,10 @@ def fold_in(
     n_rows = interactions.shape[0]
     counts = torch.from_numpy(np.diff(interactions.indptr).astype(np.float32)).to(others.device)
     sums = torch_sparse_rows(interactions, others.device) @ others
-    fallback = others.mean(dim=0, keepdim=True).expand(n_rows, -1)
-    start = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], fallback)
-    vectors = torch.nn.Parameter(clip_rows(start.clone(), model.max_norm))
+    if start is None:
+        fallback = others.mean(dim=0, keepdim=True).expand(n_rows, -1)
+        start = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], fallback)
+    vectors = torch.nn.Parameter(clip_rows(start.to(others.device).clone(), model.max_norm))
     if interactions.nnz == 0 or epochs == 0:
         return vectors.detach()
     # A row that holds every column has no negative: its centroid is all there is to learn.
