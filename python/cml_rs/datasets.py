@@ -30,7 +30,9 @@ from ._io import meta_int, open_npz, save_npz
 
 __all__ = [
     "DATASETS",
+    "ColdStartSplit",
     "Dataset",
+    "FoldInSplit",
     "Split",
     "data_home",
     "find_dataset",
@@ -41,6 +43,8 @@ __all__ = [
     "load_movielens_1m_implicit",
     "load_movielens_100k",
     "load_movielens_latest_small",
+    "split_cold_items",
+    "split_fold_in_users",
     "split_paper",
     "synthetic",
 ]
@@ -875,6 +879,83 @@ class Split:
         if split.fingerprint() != fingerprint:
             raise ValueError(f"{name}: the split does not match its recorded fingerprint; the file is damaged")
         return split
+
+
+@dataclass
+class ColdStartSplit:
+    """Item cold start: ``cold_items`` have no interaction in ``train`` (their columns are
+    empty); ``test`` holds every interaction with them, to be found among them."""
+
+    train: sp.csr_matrix
+    test: sp.csr_matrix
+    cold_items: np.ndarray
+    seed: int
+
+
+def split_cold_items(user_items: Any, fraction: float = 0.2, seed: int = 0) -> ColdStartSplit:
+    """Holds out ``fraction`` of the items entirely (seeded): the item cold-start protocol.
+
+    A model trains on ``train`` (the other items), gets the cold items' vectors
+    from their features only, and is scored by ranking the cold items for the
+    users who interacted with them (``ranking_metrics_at_k(..., items=split.cold_items)``).
+    """
+    matrix = sp.csr_matrix(as_csr(user_items, "user_items"), dtype=np.float32)
+    if not (isinstance(fraction, numbers.Real) and 0 < fraction < 1):
+        raise ValueError(f"fraction must be between 0 and 1 (exclusive), got {fraction}")
+    n_items = matrix.shape[1]
+    rng = np.random.default_rng(seed)
+    cold = np.sort(rng.choice(n_items, max(1, round(fraction * n_items)), replace=False))
+    is_cold = np.zeros(n_items, dtype=bool)
+    is_cold[cold] = True
+    coo = matrix.tocoo()
+    held = is_cold[coo.col]
+    train = _binary(coo.row[~held], coo.col[~held], matrix.shape)
+    test = _binary(coo.row[held], coo.col[held], matrix.shape)
+    return ColdStartSplit(train=train, test=test, cold_items=cold, seed=seed)
+
+
+@dataclass
+class FoldInSplit:
+    """User fold-in: ``users`` are absent from ``train``; ``fold`` holds the half of each
+    one's items it is folded in from, ``test`` the other half."""
+
+    train: sp.csr_matrix
+    fold: sp.csr_matrix
+    test: sp.csr_matrix
+    users: np.ndarray
+    seed: int
+
+
+def split_fold_in_users(user_items: Any, fraction: float = 0.1, seed: int = 0, min_items: int = 4) -> FoldInSplit:
+    """Holds out ``fraction`` of the users with at least ``min_items`` items (seeded): each
+    one's items are shuffled, half go to ``fold`` and half to ``test``; ``train`` keeps
+    everyone else. ``fold`` and ``test`` have one row per held-out user, in ``users`` order."""
+    matrix = sp.csr_matrix(as_csr(user_items, "user_items"), dtype=np.float32)
+    matrix.sum_duplicates()
+    if not (isinstance(fraction, numbers.Real) and 0 < fraction < 1):
+        raise ValueError(f"fraction must be between 0 and 1 (exclusive), got {fraction}")
+    rng = np.random.default_rng(seed)
+    eligible = np.flatnonzero(np.diff(matrix.indptr) >= min_items)
+    if len(eligible) == 0:
+        raise ValueError(f"no user has {min_items} items or more to fold in")
+    users = np.sort(rng.choice(eligible, max(1, round(fraction * len(eligible))), replace=False))
+    held = np.zeros(matrix.shape[0], dtype=bool)
+    held[users] = True
+    keep = sp.diags((~held).astype(np.float32)) @ matrix
+    keep.eliminate_zeros()
+    fold_rows, test_rows = [], []
+    for user in users:
+        items = rng.permutation(matrix.indices[matrix.indptr[user] : matrix.indptr[user + 1]])
+        half = len(items) // 2
+        fold_rows.append(np.sort(items[:half]))
+        test_rows.append(np.sort(items[half:]))
+
+    def rows(parts: list[np.ndarray]) -> sp.csr_matrix:
+        indptr = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+        indices = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(len(parts), matrix.shape[1]))
+
+    return FoldInSplit(train=sp.csr_matrix(keep), fold=rows(fold_rows), test=rows(test_rows), users=users, seed=seed)
 
 
 def split_paper(

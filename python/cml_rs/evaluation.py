@@ -67,16 +67,25 @@ def _top_ids(
     excluded: sp.csr_matrix,
     K: int,
     num_threads: int,
+    items: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Each user's top-K item ids with its excluded items skipped: by distance for metric
-    factors, else through the model's implicit-style ``recommend`` (blocks of users)."""
+    """Each user's top-K item ids with its excluded items skipped, among ``items`` when given:
+    by distance for metric factors, else through the model's implicit-style ``recommend``."""
     if factors is not None:
-        ids, _ = topk_l2(factors[0][users], factors[1], K, exclude=excluded[users], num_threads=num_threads)
-        return ids
+        if items is None:
+            ids, _ = topk_l2(factors[0][users], factors[1], K, exclude=excluded[users], num_threads=num_threads)
+            return ids
+        local, _ = topk_l2(
+            factors[0][users], factors[1][items], K, exclude=excluded[users][:, items], num_threads=num_threads
+        )
+        return np.where(local >= 0, items[np.maximum(local, 0)], -1)
     out = np.full((len(users), K), -1, dtype=np.int64)
     for start in range(0, len(users), 1024):
         block = users[start : start + 1024]
-        ids, scores = model.recommend(block, excluded[block], N=K)
+        if items is None:
+            ids, scores = model.recommend(block, excluded[block], N=K)
+        else:
+            ids, scores = model.recommend(block, excluded[block], N=K, items=items)
         ids = np.asarray(ids, dtype=np.int64).reshape(len(block), -1)
         # A tail of excluded items (scored as low as it gets) is no recommendation.
         ids[np.asarray(scores).reshape(len(block), -1) <= np.finfo(np.float32).min] = -1
@@ -92,6 +101,7 @@ def ranking_metrics_at_k(
     exclude: Any | Sequence[Any] | None = None,
     users: Any | None = None,
     num_threads: int = 0,
+    items: Any | None = None,
 ) -> RankingMetrics:
     """Recall, precision, NDCG and MAP at ``K`` of a recommender.
 
@@ -112,6 +122,9 @@ def ranking_metrics_at_k(
         More items to exclude, e.g. the validation set when scoring the test set.
     users : array of int, optional
         Evaluate only these users (those with held-out items among them).
+    items : array of int, optional
+        Rank only these items (e.g. the held-out items of an item cold-start
+        split); held-out items outside them cannot be found.
 
     Returns
     -------
@@ -137,7 +150,13 @@ def ranking_metrics_at_k(
     if len(evaluated) == 0:
         return RankingMetrics(K, per_user)
 
-    ids = _top_ids(model_or_factors, factors, evaluated, excluded, min(K, shape[1]), num_threads)
+    candidates = None
+    if items is not None:
+        candidates = np.unique(check_ids_below(as_ids(items, "items")[0], shape[1], "items"))
+        if len(candidates) == 0:
+            raise ValueError("items is empty; pass the ids of the items to rank")
+    width = min(K, shape[1] if candidates is None else len(candidates))
+    ids = _top_ids(model_or_factors, factors, evaluated, excluded, width, num_threads, candidates)
     # A ranking is at most as long as the catalogue: K beyond it ranks every item.
     hits = _hits(ids, test[evaluated], shape[1])  # (users, min(K, n_items)) booleans
     width = hits.shape[1]
