@@ -180,6 +180,7 @@ def test_cml_beats_popularity_on_synthetic_clusters():
         dict(lambda_c=0.0),
         dict(margin=0.5),
         dict(n_negatives=3),
+        dict(negative_popularity=1.0),
         dict(max_norm=0.5),
     ],
     ids=lambda options: ",".join(options),

@@ -66,6 +66,30 @@ def test_negatives_are_never_positives_and_uniform_over_the_rest():
     assert min(counts.values()) > 75 and max(counts.values()) < 175
 
 
+def test_popularity_weighted_negatives_favour_popular_items():
+    # Item i >= 1 is liked by users 0..i (popularity i + 1); the last user likes
+    # only item 0. With exponent 1 that user's negative is item i with
+    # probability proportional to popularity + 1 = i + 2.
+    n = 40
+    rows = [u for i in range(1, n) for u in range(i + 1)] + [n]
+    cols = [i for i in range(1, n) for _ in range(i + 1)] + [0]
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n + 1, n))
+    counts = Counter()
+    sampler = cml_rs.WarpSampler(matrix, batch_size=256, n_negatives=64, seed=5, popularity_exponent=1.0)
+    for _ in range(40):
+        for users, _, negatives in sampler:
+            counts.update(negatives[users == n].ravel().tolist())
+    assert 0 not in counts and sum(counts.values()) == 40 * 64
+    low = sum(counts[i] for i in range(1, 11))
+    high = sum(counts[i] for i in range(28, 38))
+    # Expected ratio (30 + ... + 39) / (3 + ... + 12) = 345 / 75 = 4.6.
+    assert 3.6 < high / low < 5.8
+    uniform = cml_rs.WarpSampler(matrix, batch_size=256, n_negatives=64, seed=5)
+    assert uniform.popularity_exponent == 0.0 and sampler.popularity_exponent == 1.0
+    replay = pickle.loads(pickle.dumps(sampler))
+    assert replay.popularity_exponent == 1.0
+
+
 def test_without_check_negatives_cover_all_items():
     matrix = random_interactions(n_users=5, n_items=8, per_user=6, seed=4)
     sampler = cml_rs.WarpSampler(matrix, batch_size=30, n_negatives=100, check_negative=False)
@@ -143,6 +167,9 @@ def test_duplicate_entries_count_once():
         ({"num_threads": -2}, ValueError, "num_threads must be a non-negative integer, got -2"),
         ({"batch_size": 2.5}, TypeError, "batch_size must be an integer"),
         ({"prefetch": 0}, ValueError, "prefetch must be between 1 and 1024 batches, got 0"),
+        ({"popularity_exponent": float("nan")}, ValueError, "popularity_exponent must be between 0 and 4"),
+        ({"popularity_exponent": -1.0}, ValueError, "popularity_exponent must be between 0 and 4"),
+        ({"popularity_exponent": "x"}, TypeError, "popularity_exponent"),
     ],
 )
 def test_bad_arguments(interactions, kwargs, error, message):

@@ -52,6 +52,10 @@ class CollaborativeMetricLearning:
         Hinge margin m on squared distances (paper: 0.5; default 1.5, see Notes).
     n_negatives : int
         Negatives U sampled per positive pair (paper: 20).
+    negative_popularity : float
+        Draw the negatives in proportion to (popularity + 1)^this instead of
+        uniformly (0, the paper): with the hardest of U kept, Tran et al.'s
+        two-stage sampling (SIGIR 2019).
     learning_rate : float
         Step size (paper-era AdaGrad: 0.1; use about 1e-3 with Adam).
     optimizer : {"adagrad", "adam"}
@@ -137,6 +141,7 @@ class CollaborativeMetricLearning:
         factors: int = 100,
         margin: float = 1.5,
         n_negatives: int = 20,
+        negative_popularity: float = 0.0,
         learning_rate: float = 0.1,
         optimizer: str = "adagrad",
         batch_size: int = 2048,

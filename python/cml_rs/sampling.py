@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._checks import as_csr, csr_arrays
+from ._checks import as_csr, as_float, csr_arrays
 
 __all__ = ["WarpSampler"]
 
@@ -55,6 +55,11 @@ class WarpSampler(_native.WarpSampler):
         pairs as there are, each in proportion to ``log(1 + value)`` (a pair
         with value 0 is never drawn; equal values give the plain epoch).
         Values must be finite and non-negative.
+    popularity_exponent : float
+        Draw negatives in proportion to (item popularity + 1)^this instead of
+        uniformly (0). With the loss keeping the hardest of the U negatives,
+        this is the two-stage negative sampling of Tran et al. (SIGIR 2019):
+        popular items, the likelier impostors, are offered more often.
 
     Raises
     ------
@@ -82,18 +87,29 @@ class WarpSampler(_native.WarpSampler):
         check_negative: bool = True,
         prefetch: int = 4,
         weighted: bool = False,
+        popularity_exponent: float = 0.0,
     ) -> WarpSampler:
         matrix = as_csr(user_items, "user_items")
         values = np.ascontiguousarray(matrix.data, dtype=np.float32) if weighted else None
+        exponent = as_float(popularity_exponent, "popularity_exponent")
         sampler = super().__new__(
-            cls, *csr_arrays(matrix), batch_size, n_negatives, seed, num_threads, bool(check_negative), prefetch, values
+            cls,
+            *csr_arrays(matrix),
+            batch_size,
+            n_negatives,
+            seed,
+            num_threads,
+            bool(check_negative),
+            prefetch,
+            values,
+            exponent,
         )
         sampler._matrix, sampler._values_given = matrix, bool(weighted)
         return sampler
 
     def __reduce__(self) -> Any:
         options = (self.batch_size, self.n_negatives, self.seed, self.num_threads, self.check_negative, self.prefetch)
-        return (_restore, (self._matrix, (*options, self._values_given), self.epoch))
+        return (_restore, (self._matrix, (*options, self._values_given, self.popularity_exponent), self.epoch))
 
     def __repr__(self) -> str:
         return (

@@ -76,6 +76,7 @@ class Trainer:
             seed=model.random_state,
             num_threads=model.num_threads,
             weighted=not model.binary,
+            popularity_exponent=model.negative_popularity,
         )
         self.eval_users = _evaluation_users(validation, model.eval_users, model.random_state)
         self.best_recall = -1.0

@@ -49,6 +49,7 @@ fn sampler(c: &mut Criterion) {
             n_negatives: 20,
             seed: 0,
             check_negative: true,
+            popularity_exponent: 0.0,
         };
         let s = WarpSampler::new(interactions(n_users, n_items, per_user, 1), config).unwrap();
         let order = s.epoch_order(0);

@@ -80,7 +80,7 @@ pub fn check_prefetch(prefetch: usize, sampler: &WarpSampler) -> Result<()> {
 }
 
 /// What a sampler draws.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SamplerConfig {
     /// Pairs per batch (the last batch of an epoch may be smaller).
     pub batch_size: usize,
@@ -89,6 +89,10 @@ pub struct SamplerConfig {
     pub seed: u64,
     /// Draw negatives only among the user's non-positives (else over all items).
     pub check_negative: bool,
+    /// Draw negatives in proportion to (item popularity)^this instead of
+    /// uniformly (0: uniform); with the hardest of U kept by the loss, this is
+    /// the two-stage sampling of Tran et al. (SIGIR 2019).
+    pub popularity_exponent: f32,
 }
 
 /// One batch: `users[i]`, `positives[i]` and `negatives[i * U .. (i + 1) * U]`
@@ -122,6 +126,8 @@ pub struct WarpSampler {
     weights: Option<Vec<f64>>,
     /// Bitsets of the positives of long rows (see [`LongRows`]).
     long_rows: LongRows,
+    /// Items weighted by popularity^exponent, when negatives follow popularity.
+    popular: Option<AliasTable>,
     config: SamplerConfig,
 }
 
@@ -174,16 +180,39 @@ impl WarpSampler {
         for u in 0..positives.n_rows() {
             pair_users.extend(std::iter::repeat_n(u as u32, positives.row(u).len()));
         }
+        if !(config.popularity_exponent.is_finite()
+            && (0.0..=4.0).contains(&config.popularity_exponent))
+        {
+            return Err(CoreError::invalid(format!(
+                "popularity_exponent must be between 0 and 4, got {}",
+                config.popularity_exponent
+            )));
+        }
         let long_rows = if config.check_negative {
             LongRows::new(&positives)
         } else {
             LongRows::default()
         };
+        let popular = (config.popularity_exponent > 0.0).then(|| {
+            let mut counts = vec![0f64; n_items];
+            for &item in positives.indices() {
+                counts[item as usize] += 1.0;
+            }
+            // +1: an item nobody has chosen yet can still be a negative.
+            let exponent = config.popularity_exponent as f64;
+            AliasTable::new(
+                &counts
+                    .iter()
+                    .map(|c| (c + 1.0).powf(exponent))
+                    .collect::<Vec<_>>(),
+            )
+        });
         Ok(WarpSampler {
             positives,
             pair_users,
             weights: None,
             long_rows,
+            popular,
             config,
         })
     }
@@ -323,7 +352,25 @@ impl WarpSampler {
     fn draw_negatives(&self, epoch: u64, position: u64, user: usize, slots: &mut [i64]) {
         let mut rng = Rng::stream(self.config.seed, tag::NEGATIVES, &[epoch, position]);
         let n_items = self.positives.n_cols() as u64;
-        if !self.config.check_negative {
+        if let Some(table) = &self.popular {
+            let row = self.positives.row(user);
+            for slot in slots {
+                // Redraw a positive a bounded number of times; a user holding the
+                // popular items would otherwise cost unboundedly, so then fall back
+                // to a uniform draw over the user's non-positives.
+                let mut item = table.draw(&mut rng);
+                let mut tries = 1;
+                while self.config.check_negative && row.binary_search(&(item as u32)).is_ok() {
+                    if tries == POPULAR_TRIES {
+                        item = nth_missing(row, rng.below(n_items - row.len() as u64));
+                        break;
+                    }
+                    item = table.draw(&mut rng);
+                    tries += 1;
+                }
+                *slot = item as i64;
+            }
+        } else if !self.config.check_negative {
             for slot in slots {
                 *slot = rng.below(n_items) as i64;
             }
@@ -342,6 +389,49 @@ impl WarpSampler {
             for slot in slots {
                 *slot = nth_missing(row, rng.below(n_items - row.len() as u64)) as i64;
             }
+        }
+    }
+}
+
+/// Attempts at a popularity-weighted negative before falling back to a uniform one.
+const POPULAR_TRIES: usize = 16;
+
+/// Walker's alias method: O(1) draws from a fixed discrete distribution.
+#[derive(Debug)]
+struct AliasTable {
+    probability: Vec<f64>,
+    alias: Vec<u32>,
+}
+
+impl AliasTable {
+    /// The table of the distribution proportional to `weights` (positive, finite).
+    fn new(weights: &[f64]) -> AliasTable {
+        let n = weights.len();
+        let total: f64 = weights.iter().sum();
+        let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|&i| scaled[i] < 1.0);
+        let mut alias = vec![0u32; n];
+        let mut probability = vec![1.0f64; n];
+        while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+            probability[s] = scaled[s];
+            alias[s] = l as u32;
+            scaled[l] -= 1.0 - scaled[s];
+            if scaled[l] < 1.0 {
+                large.pop();
+                small.push(l);
+            }
+        }
+        AliasTable { probability, alias }
+    }
+
+    #[inline]
+    fn draw(&self, rng: &mut Rng) -> u64 {
+        let i = rng.below(self.probability.len() as u64) as usize;
+        if rng.unit_f64() < self.probability[i] {
+            i as u64
+        } else {
+            self.alias[i] as u64
         }
     }
 }
@@ -608,6 +698,7 @@ mod tests {
                 n_negatives: 5,
                 seed,
                 check_negative: true,
+                popularity_exponent: 0.0,
             },
         )
         .unwrap()
@@ -688,6 +779,7 @@ mod tests {
             n_negatives: 1,
             seed: 5,
             check_negative: true,
+            popularity_exponent: 0.0,
         };
         let s = WarpSampler::with_confidence(csr.clone(), &values, config.clone()).unwrap();
         let mut counts = [0usize; 4];
@@ -724,6 +816,63 @@ mod tests {
     }
 
     #[test]
+    fn popularity_weighted_negatives_follow_their_weights_and_avoid_positives() {
+        // Item i is a positive of i users (items 1..=6 among 8 users), so with
+        // exponent 1 an item's weight is (count + 1); user 0 has items 5 and 6.
+        let rows: Vec<Vec<u32>> = (0..8u32)
+            .map(|u| if u == 0 { vec![5, 6] } else { (u..7).collect() })
+            .collect();
+        let csr = Csr::from_rows(8, &rows).unwrap();
+        let config = SamplerConfig {
+            batch_size: 64,
+            n_negatives: 50,
+            seed: 3,
+            check_negative: true,
+            popularity_exponent: 1.0,
+        };
+        let s = WarpSampler::new(csr.clone(), config).unwrap();
+        let mut counts = [0usize; 8];
+        for epoch in 0..100 {
+            let order = s.epoch_order(epoch);
+            for b in 0..s.n_batches() {
+                let batch = s.batch(epoch, &order, b, 1);
+                for (i, &user) in batch.users.iter().enumerate() {
+                    for &n in &batch.negatives[i * 50..(i + 1) * 50] {
+                        assert!(!csr.contains(user as usize, n as u32));
+                        if user == 0 {
+                            counts[n as usize] += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let column: Vec<f64> = (0..8u32)
+            .map(|i| rows.iter().filter(|r| r.contains(&i)).count() as f64 + 1.0)
+            .collect();
+        let allowed: f64 = (0..8)
+            .filter(|i| ![5, 6].contains(i))
+            .map(|i| column[i])
+            .sum();
+        let draws = counts.iter().sum::<usize>() as f64;
+        for item in [0usize, 1, 2, 3, 4, 7] {
+            let expected = draws * column[item] / allowed;
+            assert!(
+                (counts[item] as f64 - expected).abs() < 0.06 * expected,
+                "{counts:?}"
+            );
+        }
+        let bad = SamplerConfig {
+            popularity_exponent: f32::NAN,
+            ..s.config().clone()
+        };
+        let err = WarpSampler::new(csr, bad).unwrap_err().to_string();
+        assert!(
+            err.contains("popularity_exponent must be between 0 and 4"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn rejects_a_user_with_every_item() {
         let csr = Csr::from_rows(3, &[vec![0], vec![0, 1, 2]]).unwrap();
         let config = SamplerConfig {
@@ -731,11 +880,13 @@ mod tests {
             n_negatives: 3,
             seed: 0,
             check_negative: true,
+            popularity_exponent: 0.0,
         };
         let err = WarpSampler::new(csr.clone(), config.clone()).unwrap_err();
         assert!(err.to_string().contains("user 1 has all 3 items"), "{err}");
         let unchecked = SamplerConfig {
             check_negative: false,
+            popularity_exponent: 0.0,
             ..config
         };
         assert!(WarpSampler::new(csr, unchecked).is_ok());
@@ -749,6 +900,7 @@ mod tests {
             n_negatives: 3,
             seed: 0,
             check_negative: true,
+            popularity_exponent: 0.0,
         };
         let zero_batch = SamplerConfig {
             batch_size: 0,

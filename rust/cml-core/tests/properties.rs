@@ -36,7 +36,7 @@ proptest! {
     ) {
         let csr = Csr::from_rows(n_items, &rows).unwrap();
         prop_assume!(csr.nnz() > 0);
-        let config = SamplerConfig { batch_size, n_negatives, seed, check_negative: true };
+        let config = SamplerConfig { batch_size, n_negatives, seed, check_negative: true, popularity_exponent: 0.0 };
         let sampler = WarpSampler::new(csr.clone(), config).unwrap();
         let order = sampler.epoch_order(epoch);
         let mut seen_pairs = Vec::new();

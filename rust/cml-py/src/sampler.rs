@@ -60,9 +60,10 @@ impl WarpSampler {
 #[pymethods]
 impl WarpSampler {
     /// A sampler over the CSR arrays of a user x item matrix; with `values`
-    /// (one per stored entry), pairs are drawn in proportion to ln(1 + value).
+    /// (one per stored entry), pairs are drawn in proportion to ln(1 + value);
+    /// with `popularity_exponent` > 0, negatives in proportion to popularity^it.
     #[new]
-    #[pyo3(signature = (indptr, indices, n_items, batch_size, n_negatives, seed, num_threads, check_negative, prefetch, values=None))]
+    #[pyo3(signature = (indptr, indices, n_items, batch_size, n_negatives, seed, num_threads, check_negative, prefetch, values=None, popularity_exponent=0.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -76,6 +77,7 @@ impl WarpSampler {
         check_negative: bool,
         prefetch: Int,
         values: Option<PyReadonlyArray1<'_, f32>>,
+        popularity_exponent: f32,
     ) -> PyResult<Self> {
         let arg = (indptr, indices, n_items);
         let matrix = crate::CsrParts::borrow("user_items", &arg)?;
@@ -84,6 +86,7 @@ impl WarpSampler {
             n_negatives: n_negatives.count("n_negatives")?,
             seed: seed.unsigned("seed")?,
             check_negative,
+            popularity_exponent,
         };
         let (num_threads, prefetch) = (num_threads.threads()?, prefetch.count("prefetch")?);
         let values = values
@@ -162,6 +165,12 @@ impl WarpSampler {
     #[getter]
     fn weighted(&self) -> bool {
         self.inner.is_weighted()
+    }
+
+    /// Negatives are drawn in proportion to (item popularity)^this (0: uniformly).
+    #[getter]
+    fn popularity_exponent(&self) -> f32 {
+        self.inner.config().popularity_exponent
     }
 
     /// Whether negatives avoid the user's positives.
