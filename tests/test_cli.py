@@ -54,6 +54,38 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     assert len(rows) == 6 and rows[0]["item_id"].startswith("i")
 
 
+def test_compare_ranks_cml_against_tuned_baselines(tmp_path, capsys):
+    data = write_interactions(tmp_path / "plays.tsv", n_users=120, n_items=60)
+    argv = ["compare", str(data), "-k", "10", "--epochs", "4", "--factors", "8", "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"model", "CML", "popularity", "EASE", "RP3beta"}
+    assert "factors=8, epochs=4" in rows["CML"] and "(grid [50.0, 200.0, 800.0, 3200.0])" in rows["EASE"]
+    for name in ("popularity", "EASE", "RP3beta"):
+        recall, ndcg, p_value = (rows[name].split("|")[i].strip() for i in (2, 3, 5))
+        assert 0 <= float(recall) <= 1 and 0 <= float(ndcg) <= 1 and 0 <= float(p_value) <= 1
+    assert cli.main([*argv, "--ease-max-items", "10"]) == 0
+    assert "EASE skipped: 60 items exceed --ease-max-items 10" in capsys.readouterr().out
+
+
+def test_tune_searches_and_saves_the_best_model(tmp_path, capsys):
+    data = write_interactions(tmp_path / "plays.tsv", n_users=120, n_items=60)
+    model = tmp_path / "best.npz"
+    argv = ["tune", str(data), "--configurations", "3", "--epochs", "6", "--factors", "8", "--no-progress"]
+    assert cli.main([*argv, "--margin", "0.7", "--out", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "| learning_rate | n_negatives | lambda_c | epochs |" in out  # margin fixed, not searched
+    assert "test metrics of the best model" in out and model.exists()
+    from cml_rs import CML
+
+    loaded = CML.load(model)
+    assert loaded.margin == 0.7 and loaded.factors == 8
+    fixed_all = ["--margin", "1", "--learning-rate", "0.05", "--negatives", "10", "--lambda-c", "1"]
+    assert cli.main([*argv, *fixed_all]) == 2
+    assert "nothing to tune" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -31,12 +31,14 @@ __all__ = [
     "retrieval",
     "sqdist",
     "topk_l2",
+    "tune",
 ]
 
 if TYPE_CHECKING:  # what the lazy exports below resolve to, for type checkers and IDEs
     from . import baselines, datasets, evaluation, nn, retrieval
     from .lsh import LshIndex
     from .model import CML, CollaborativeMetricLearning
+    from .tuning import tune
 
 # torch, scipy.stats and friends load only when the model side is used.
 _LAZY = {
@@ -48,6 +50,7 @@ _LAZY = {
     "evaluation": ("evaluation", None),
     "nn": ("nn", None),
     "retrieval": ("retrieval", None),
+    "tune": ("tuning", "tune"),
 }
 
 

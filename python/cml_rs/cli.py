@@ -202,6 +202,101 @@ def command_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _changed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyper-parameters given on the command line with a value other than the default."""
+    return {
+        p.name: getattr(args, p.name)
+        for p in HYPERPARAMETERS
+        if p.flag is not None and getattr(args, p.name) != p.default and p.name not in ("num_threads", "random_state")
+    }
+
+
+def command_tune(args: argparse.Namespace) -> int:
+    """Successive-halving search on the validation part, then test metrics of the best model."""
+    from .tuning import SEARCH_SPACE, tune
+
+    dataset = _load_dataset(args.dataset, args.data_dir)
+    split = _split(dataset, args, seed=args.random_state)
+    if not split.validation.nnz:
+        raise ValueError(f"{dataset.name}'s split has no validation part to tune on; use --split paper")
+    print(f"{dataset}\nsplit: {_split_sizes(split)} ({split.note})")
+    fixed = _changed_settings(args)
+    space = {name: spec for name, spec in SEARCH_SPACE.items() if name not in fixed}
+    if not space:
+        raise ValueError("every searched setting is fixed on the command line; there is nothing to tune")
+    result = tune(
+        split.train,
+        split.validation,
+        budget_seconds=args.budget,
+        seed=args.random_state,
+        num_threads=args.num_threads,
+        configurations=args.configurations,
+        space=space,
+        show_progress=not args.no_progress,
+        device=args.device,
+        **fixed,
+    )
+    print(f"searched for {result.seconds:.0f}s; trials (best validation recall first):\n{result.table()}")
+    table, _ = _metrics_table(result.model, split, [50, 100], args.num_threads)
+    print("test metrics of the best model:\n" + table)
+    if args.out:
+        result.model.save(args.out)
+        print(f"model saved to {args.out}")
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    """CML against dependency-free baselines tuned on validation, on one split, with paired p-values."""
+    from . import baselines
+    from .evaluation import compare, ranking_metrics_at_k
+
+    dataset = _load_dataset(args.dataset, args.data_dir)
+    split = _split(dataset, args, seed=args.random_state)
+    print(f"{dataset}\nsplit: {_split_sizes(split)} ({split.note})")
+    validation = split.validation if split.validation.nnz else None
+    threads = args.num_threads
+
+    def test(model: Any) -> Any:
+        return ranking_metrics_at_k(model, split.train, split.test, K=args.k, exclude=validation, num_threads=threads)
+
+    def tuned(name: str, make: Any, grid: list[Any]) -> tuple[str, Any, str]:
+        """The grid point with the best validation recall (the first without validation)."""
+        best: tuple[float, Any, Any] | None = None
+        for value in grid if validation is not None else grid[:1]:
+            model = make(value).fit(split.train)
+            score = 0.0
+            if validation is not None:
+                score = ranking_metrics_at_k(model, split.train, validation, K=args.k, num_threads=threads)["recall"]
+            if best is None or score > best[0]:
+                best = (score, model, value)
+        assert best is not None
+        return name, best[1], f"{best[2]} (grid {grid})"
+
+    start = time.perf_counter()
+    cml = _model_from_args(args)
+    cml.fit(split.train, validation=validation, show_progress=not args.no_progress)
+    print(f"CML trained in {time.perf_counter() - start:.0f}s")
+    changed = _changed_settings(args)
+    setting = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
+    rows = [("CML", cml, f"{setting}; {len(cml.history_)} epochs")]
+    rows.append(("popularity", baselines.Popularity().fit(split.train), ""))
+    if dataset.n_items <= args.ease_max_items:
+        rows.append(tuned("EASE", lambda lam: baselines.EASE(lam), [50.0, 200.0, 800.0, 3200.0]))
+    else:
+        print(f"EASE skipped: {dataset.n_items} items exceed --ease-max-items {args.ease_max_items}")
+    rows.append(tuned("RP3beta", lambda b: baselines.RP3beta(alpha=1.0, beta=b, top_k=200), [0.0, 0.3, 0.6]))
+    reference = test(cml)
+    lines = [f"| model | Recall@{args.k} | NDCG@{args.k} | setting | vs CML: Wilcoxon p |", "|---|---|---|---|---|"]
+    for name, model, note in rows:
+        result = reference if model is cml else test(model)
+        p = "" if model is cml else f"{compare(reference, result)['wilcoxon_p']:.2g}"
+        lines.append(f"| {name} | {result['recall']:.4f} | {result['ndcg']:.4f} | {note} | {p} |")
+    print("\n".join(lines))
+    if validation is None:
+        print("(no validation part: each baseline ran with the first setting of its grid)")
+    return 0
+
+
 def command_demo(args: argparse.Namespace) -> int:
     """Train on citeulike-t (synthetic data when it is absent), evaluate, retrieve, plot."""
     from . import datasets
@@ -326,6 +421,37 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--json", action="store_true")
     recommend.add_argument("--data-dir")
     recommend.set_defaults(handler=command_recommend)
+
+    tune_parser = sub.add_parser(
+        "tune",
+        help="search CML's settings on the validation split within a time budget",
+        description="Successive halving over the margin, learning rate, negatives and covariance weight "
+        "(any of them given below is fixed instead), judged by validation recall; then test metrics.",
+    )
+    tune_parser.add_argument("dataset")
+    tune_parser.add_argument("--budget", type=float, default=600.0, help="seconds the search may take (default 600)")
+    tune_parser.add_argument(
+        "--configurations", type=int, help="configurations to start with (default: as many as the budget affords)"
+    )
+    tune_parser.add_argument("--out", help="save the best model here (.npz)")
+    tune_parser.add_argument("--no-progress", action="store_true")
+    data_options(tune_parser)
+    _hyperparameter_arguments(tune_parser)
+    tune_parser.set_defaults(handler=command_tune)
+
+    compare_parser = sub.add_parser(
+        "compare",
+        help="CML against popularity, EASE and RP3beta (tuned on validation) on one split, with p-values",
+    )
+    compare_parser.add_argument("dataset")
+    compare_parser.add_argument("-k", type=int, default=50, help="cut-off of the metrics (default 50)")
+    compare_parser.add_argument(
+        "--ease-max-items", type=int, default=30000, help="skip EASE above this many items (it is dense in them)"
+    )
+    compare_parser.add_argument("--no-progress", action="store_true")
+    data_options(compare_parser)
+    _hyperparameter_arguments(compare_parser)
+    compare_parser.set_defaults(handler=command_compare)
 
     demo = sub.add_parser("demo", help="the main job: train on citeulike-t, evaluate, retrieve, plot")
     demo.add_argument("--out", default="demo_out", help="output folder")

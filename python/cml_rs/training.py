@@ -248,6 +248,8 @@ class Trainer:
         callback: Callback | None,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
+        first_epoch: int = 0,
+        restore_best: bool = True,
     ) -> None:
         """Epochs until ``epochs``, early stopping or the callback says stop; keeps the best state.
 
@@ -258,13 +260,15 @@ class Trainer:
         the whole state of the fit is written there (atomically) every
         ``checkpoint_every`` epochs and when it ends; a fit started with an
         existing checkpoint of the same data and settings resumes from it and
-        ends exactly where an uninterrupted fit would.
+        ends exactly where an uninterrupted fit would. ``first_epoch`` > 0
+        continues this trainer's own fit (the tuner's rounds), and
+        ``restore_best=False`` leaves the latest weights in place.
         """
         from tqdm.auto import tqdm
 
         model = self.model
-        model.history_, model.best_epoch_ = [], None
-        first_epoch = 0
+        if first_epoch == 0:
+            model.history_, model.best_epoch_ = [], None
         if checkpoint is not None and Path(checkpoint).exists():
             first_epoch, finished = self.load_checkpoint(checkpoint)
             if finished:
@@ -305,7 +309,7 @@ class Trainer:
                     break
         finally:
             bar.close()
-        if self.best_state is not None:
+        if restore_best and self.best_state is not None:
             restore(model, self.best_state)
 
     # ------------------------------------------------------------------ checkpoints

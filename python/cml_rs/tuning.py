@@ -1,0 +1,241 @@
+"""Hyper-parameter search for CML under a time budget: seeded successive halving.
+
+    result = cml_rs.tune(split.train, split.validation, budget_seconds=600)
+    result.model            # the best model found, early-stopped on validation
+    print(result.table())   # every trial: settings, epochs, validation recall
+
+The settings that matter most on our panel (benches/RESULTS.md) are searched:
+the margin, the learning rate, the negatives per pair and the covariance
+weight. A seeded set of configurations (the package defaults among them)
+trains a few epochs each; the best third, by validation recall@``eval_k``,
+trains three times as long, and so on, until one remains, which then trains
+to early stopping with what is left of the budget. Each configuration keeps
+its optimiser state across rounds, so no work is redone.
+
+Why not a tuning library such as optuna: this search has four dimensions and
+one fidelity (epochs), successive halving is a few dozen lines that repeat
+exactly for a seed, and the package gains no dependency. The budget is wall
+time on the caller's machine: the number of configurations is chosen from
+the measured cost of an epoch so that the rounds fit in it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._checks import as_csr, check_float, check_int
+from ._params import check_hyperparameters, defaults
+from .training import Trainer, torch_threads
+
+__all__ = ["SEARCH_SPACE", "TuneResult", "tune"]
+
+#: The searched settings: (low, high, scale) ranges, or lists of choices.
+SEARCH_SPACE: dict[str, Any] = {
+    "margin": (0.5, 3.0, "log"),
+    "learning_rate": (0.03, 0.3, "log"),
+    "n_negatives": [10, 20, 40],
+    "lambda_c": (0.3, 30.0, "log"),
+}
+#: Each round keeps this share of the configurations (and trains it ETA times longer).
+ETA = 3
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` found: the model, its settings, and every trial."""
+
+    model: Any
+    params: dict[str, Any]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    searched: list[str] = field(default_factory=lambda: list(SEARCH_SPACE))
+
+    def table(self) -> str:
+        """The trials as a markdown table, best validation recall first."""
+        names = self.searched
+        lines = ["| " + " | ".join([*names, "epochs", "validation recall", "kept"]) + " |"]
+        lines.append("|" + "---|" * (len(names) + 3))
+        for trial in sorted(self.trials, key=lambda t: -t["recall"]):
+            values = [_format(trial["params"][n]) for n in names]
+            lines.append(
+                "| " + " | ".join([*values, str(trial["epochs"]), f"{trial['recall']:.4f}", trial["outcome"]]) + " |"
+            )
+        return "\n".join(lines)
+
+
+def _format(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _check_space(space: dict[str, Any]) -> None:
+    """Every choice and range end a valid value of its setting, or a ValueError naming it."""
+    unknown = sorted(set(space) - set(defaults()))
+    if unknown:
+        raise ValueError(f"space names unknown settings {unknown}")
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            values = spec
+        elif isinstance(spec, tuple) and len(spec) == 3 and spec[2] in ("log", "linear"):
+            values = [spec[0], spec[1]]
+            if not spec[0] < spec[1] or (spec[2] == "log" and spec[0] <= 0):
+                raise ValueError(f"space[{name!r}] must run from low to high (low > 0 on a log scale), got {spec}")
+        else:
+            raise ValueError(
+                f"space[{name!r}] must be a list of choices or (low, high, 'log' | 'linear'), got {spec!r}"
+            )
+        if not values:
+            raise ValueError(f"space[{name!r}] offers no choice")
+        for value in values:
+            check_hyperparameters({name: value})
+
+
+def _draw(space: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    params = {}
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            params[name] = spec[int(rng.integers(len(spec)))]
+        else:
+            low, high, scale = spec
+            value = math.exp(rng.uniform(math.log(low), math.log(high))) if scale == "log" else rng.uniform(low, high)
+            params[name] = float(value)
+    return params
+
+
+class _Trial:
+    """One configuration: a model and its trainer, trained a few epochs at a time."""
+
+    def __init__(self, params: dict[str, Any], base: dict[str, Any], train: sp.csr_matrix, validation: sp.csr_matrix):
+        from .model import CollaborativeMetricLearning
+
+        self.params = params
+        self.model = CollaborativeMetricLearning(**{**base, **params})
+        self.model._build(*train.shape, None, None)
+        self.trainer = Trainer(self.model, train, validation)
+        self.epochs = 0
+
+    @property
+    def recall(self) -> float:
+        """The best validation recall this configuration has reached so far."""
+        return self.trainer.best_recall
+
+    def train(self, epochs: int, last: bool = False) -> None:
+        """Trains up to ``epochs`` more epochs (fewer if it stops early); ``last`` keeps the best weights."""
+        self.model.epochs = self.epochs + epochs
+        with torch_threads(self.model.num_threads):
+            self.trainer.run(show_progress=False, callback=None, first_epoch=self.epochs, restore_best=last)
+        self.epochs = len(self.model.history_)
+
+    def record(self, outcome: str) -> dict[str, Any]:
+        return {"params": self.params, "epochs": self.epochs, "recall": self.recall, "outcome": outcome}
+
+
+def tune(
+    user_items: Any,
+    validation: Any,
+    budget_seconds: float = 600.0,
+    seed: int = 0,
+    num_threads: int = 0,
+    configurations: int | None = None,
+    space: dict[str, Any] | None = None,
+    show_progress: bool = True,
+    **fixed: Any,
+) -> TuneResult:
+    """Searches the settings that matter (``SEARCH_SPACE``) on ``validation``, within
+    ``budget_seconds`` of wall time, and returns the best model (trained to early stopping).
+
+    Parameters
+    ----------
+    user_items, validation : scipy.sparse matrices (n_users, n_items)
+        Training interactions, and the held-out ones that judge the trials.
+    budget_seconds : float
+        Wall time the whole search may take (the final training included).
+    seed : int
+        Seed of the configurations drawn (and of every model).
+    configurations : int, optional
+        How many configurations to start with (the package defaults are the
+        first). By default as many as the budget affords (3 to 81), measured
+        from the first epoch; fix it, with a budget that is not used up, and
+        the search repeats exactly for a seed.
+    space : dict, optional
+        Replaces ``SEARCH_SPACE``: name -> (low, high, "log" or "linear") or a list of choices.
+    fixed : keyword arguments
+        Other CML settings, the same for every trial (e.g. ``factors=64``).
+
+    Returns
+    -------
+    TuneResult
+        ``model`` (fitted, best validation recall), ``params``, ``trials`` and ``table()``.
+    """
+    from tqdm.auto import tqdm
+
+    train = as_csr(user_items, "user_items")
+    valid = as_csr(validation, "validation")
+    if valid.shape != train.shape:
+        raise ValueError(f"validation has shape {valid.shape} but user_items has {train.shape}")
+    if valid.nnz == 0:
+        raise ValueError("validation holds no interactions; the trials cannot be compared")
+    budget = check_float(budget_seconds, "budget_seconds", minimum=0.0, strict=True)
+    seed = check_int(seed, "seed", minimum=0)
+    if configurations is not None:
+        configurations = check_int(configurations, "configurations", minimum=1, maximum=729)
+    space = dict(SEARCH_SPACE if space is None else space)
+    _check_space(space)
+    clash = sorted(set(space) & set(fixed))
+    if clash:
+        raise ValueError(f"{clash} are both searched and fixed; drop them from space or from the fixed settings")
+    base = {**fixed, "num_threads": num_threads, "random_state": seed}
+    final_epochs = int(base.get("epochs", defaults()["epochs"]))
+    start = time.perf_counter()
+
+    # The package defaults are the first configuration; the cost of its first
+    # rung sets how many configurations the rounds can afford.
+    rng = np.random.default_rng(seed)
+    first = _Trial({n: defaults()[n] for n in space}, base, train, valid)
+    rung = 2
+    first.train(rung)
+    epoch_seconds = max((time.perf_counter() - start) / rung, 1e-3)
+    if configurations is None:
+        # Successive halving with n configurations and rungs of r, 3r, 9r ... epochs
+        # costs about n * r * (number of rungs) epochs; half the budget is kept
+        # for the winner's training to convergence.
+        affordable = 0.5 * budget / epoch_seconds
+        configurations = 81
+        while configurations > 3 and configurations * rung * (1 + math.log(configurations, ETA)) > affordable:
+            configurations //= ETA
+    trials = [first] + [_Trial(_draw(space, rng), base, train, valid) for _ in range(configurations - 1)]
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=None, disable=not show_progress, unit="trial", desc=f"tune ({configurations} configurations)")
+    alive = trials
+    try:
+        while len(alive) > 1 and time.perf_counter() - start < 0.5 * budget:
+            for trial in alive:
+                if trial.epochs < rung:
+                    trial.train(rung - trial.epochs)
+                bar.update(1)
+                bar.set_postfix(best=f"{max(t.recall for t in alive):.4f}")
+            alive.sort(key=lambda t: -t.recall)  # stable: ties keep the earlier (defaults first)
+            keep = max(1, len(alive) // ETA)
+            history.extend(trial.record("dropped") for trial in alive[keep:])
+            alive = alive[:keep]
+            rung *= ETA
+    finally:
+        bar.close()
+    alive.sort(key=lambda t: -t.recall)
+    best = alive[0]
+    history.extend(trial.record("dropped") for trial in alive[1:])
+    # The winner trains on from its state to early stopping, within what is left
+    # of the budget and the epochs a fit would be allowed.
+    remaining = budget - (time.perf_counter() - start)
+    more = min(max(1, int(0.8 * remaining / epoch_seconds)), max(1, final_epochs - best.epochs))
+    best.train(more, last=True)
+    best.model.epochs = final_epochs
+    history.append(best.record("best"))
+    params = {**base, **best.params}
+    seconds = time.perf_counter() - start
+    return TuneResult(model=best.model, params=params, trials=history, seconds=seconds, searched=list(space))

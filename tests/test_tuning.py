@@ -1,0 +1,105 @@
+"""cml_rs.tune: successive halving picks on validation, repeats for a seed, refuses bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import cml_rs
+from cml_rs import datasets, evaluation
+
+SPACE = {"learning_rate": [1e-5, 0.1], "margin": [0.5, 1.0]}
+SMALL = dict(factors=16, batch_size=256, eval_every=1, patience=3, epochs=30)
+
+
+@pytest.fixture(scope="module")
+def split():
+    data = datasets.synthetic(n_users=600, n_items=300, n_interactions=12000, n_clusters=8, seed=3)
+    return datasets.split_paper(data.user_items, seed=0)
+
+
+@pytest.fixture(scope="module")
+def result(split):
+    return cml_rs.tune(
+        split.train,
+        split.validation,
+        budget_seconds=3600,
+        configurations=9,
+        space=SPACE,
+        num_threads=2,
+        show_progress=False,
+        **SMALL,
+    )
+
+
+def test_the_search_keeps_the_configuration_that_learns(result, split):
+    # A learning rate of 1e-5 barely moves the random start: every survivor of
+    # the first round must have the usable rate, and so must the winner.
+    assert result.params["learning_rate"] == 0.1
+    assert {"factors": 16, "batch_size": 256}.items() <= result.params.items()
+    assert len(result.trials) == 9 and [t["outcome"] for t in result.trials].count("best") == 1
+    best = next(t for t in result.trials if t["outcome"] == "best")
+    assert all(t["recall"] <= best["recall"] for t in result.trials)
+    slow = [t for t in result.trials if t["params"]["learning_rate"] == 1e-5]
+    assert slow and all(t["epochs"] == 2 for t in slow)  # dropped after the first rung
+    # The model returned holds the best validation state and ranks the test part.
+    assert result.model.epochs == SMALL["epochs"]
+    valid = evaluation.ranking_metrics_at_k(result.model, split.train, split.validation, K=50)
+    assert valid["recall"] == pytest.approx(best["recall"], abs=1e-6)
+    test = evaluation.ranking_metrics_at_k(result.model, split.train, split.test, K=50, exclude=split.validation)
+    assert test["recall"] > 0.2
+    table = result.table().splitlines()
+    assert table[0].startswith("| learning_rate | margin | epochs") and len(table) == 2 + 9
+    assert "best" in table[2]
+
+
+def test_the_search_repeats_for_a_seed(result, split):
+    again = cml_rs.tune(
+        split.train,
+        split.validation,
+        budget_seconds=3600,
+        configurations=9,
+        space=SPACE,
+        num_threads=1,
+        show_progress=False,
+        **SMALL,
+    )
+    assert again.table() == result.table()
+    np.testing.assert_array_equal(again.model.item_factors, result.model.item_factors)
+
+
+def test_the_budget_bounds_the_search(split):
+    # With the number of configurations left to the budget, a tiny budget
+    # still returns a trained model (the defaults among a handful of trials).
+    result = cml_rs.tune(split.train, split.validation, budget_seconds=0.5, show_progress=False, **SMALL)
+    assert 1 <= len(result.trials) <= 3 and result.model.item_factors.shape == (300, 16)
+    assert np.isfinite(result.model.item_factors).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(budget_seconds=0), ValueError, "budget_seconds must be"),
+        (dict(budget_seconds=float("nan")), ValueError, "budget_seconds"),
+        (dict(configurations=0), ValueError, "configurations must be at least 1"),
+        (dict(space={"no_such_setting": [1, 2]}), ValueError, r"space names unknown settings \['no_such_setting'\]"),
+        (dict(margin=1.0), ValueError, r"\['margin'\] are both searched and fixed"),
+        (dict(space={"margin": [1.0, -1.0]}), ValueError, "margin must be"),
+        (dict(space={"margin": (2.0, 1.0, "log")}), ValueError, r"space\['margin'\] must run from low to high"),
+        (dict(space={"margin": {1.0}}), ValueError, r"space\['margin'\] must be a list of choices"),
+        (dict(space={"margin": []}), ValueError, "offers no choice"),
+    ],
+)
+def test_bad_arguments_are_named(split, kwargs, error, message):
+    options = dict(budget_seconds=10.0, show_progress=False, configurations=1, **SMALL)
+    options.update(kwargs)
+    with pytest.raises(error, match=message):
+        cml_rs.tune(split.train, split.validation, **options)
+
+
+def test_validation_must_match_and_hold_interactions(split):
+    with pytest.raises(ValueError, match="validation has shape"):
+        cml_rs.tune(split.train, split.validation[:10], budget_seconds=10)
+    with pytest.raises(ValueError, match="validation holds no interactions"):
+        cml_rs.tune(split.train, sp.csr_matrix(split.train.shape), budget_seconds=10)
