@@ -90,6 +90,33 @@ def test_popularity_weighted_negatives_favour_popular_items():
     assert replay.popularity_exponent == 1.0
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_shares_are_disjoint_complete_and_keep_their_negatives(interactions, world_size):
+    def triples(sampler):
+        return sorted(
+            (int(u), int(p), tuple(n.tolist()))
+            for users, positives, negatives in sampler
+            for u, p, n in zip(users, positives, negatives)
+        )
+
+    whole = cml_rs.WarpSampler(interactions, batch_size=7, n_negatives=4, seed=3)
+    whole.set_epoch(2)
+    shares = [
+        cml_rs.WarpSampler(interactions, batch_size=7, n_negatives=4, seed=3, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
+    drawn = []
+    for share in shares:
+        share.set_epoch(2)
+        part = triples(share)
+        assert abs(len(part) - interactions.nnz / world_size) < 1
+        drawn.extend(part)
+    assert sorted(drawn) == triples(whole)
+    assert "rank=1, world_size" in repr(shares[1])
+    copy = pickle.loads(pickle.dumps(shares[1]))
+    assert (copy.rank, copy.world_size) == (1, world_size)
+
+
 def test_without_check_negatives_cover_all_items():
     matrix = random_interactions(n_users=5, n_items=8, per_user=6, seed=4)
     sampler = cml_rs.WarpSampler(matrix, batch_size=30, n_negatives=100, check_negative=False)
@@ -170,6 +197,10 @@ def test_duplicate_entries_count_once():
         ({"popularity_exponent": float("nan")}, ValueError, "popularity_exponent must be between 0 and 4"),
         ({"popularity_exponent": -1.0}, ValueError, "popularity_exponent must be between 0 and 4"),
         ({"popularity_exponent": "x"}, TypeError, "popularity_exponent"),
+        ({"rank": 2, "world_size": 2}, ValueError, "rank must be below world_size 2, got 2"),
+        ({"rank": -1, "world_size": 2}, ValueError, "rank must be a non-negative integer, got -1"),
+        ({"world_size": 0}, ValueError, "world_size must be at least 1"),
+        ({"world_size": 10**6}, ValueError, "world_size 1000000 exceeds the 300 training pairs"),
     ],
 )
 def test_bad_arguments(interactions, kwargs, error, message):

@@ -60,6 +60,11 @@ class WarpSampler(_native.WarpSampler):
         uniformly (0). With the loss keeping the hardest of the U negatives,
         this is the two-stage negative sampling of Tran et al. (SIGIR 2019):
         popular items, the likelier impostors, are offered more often.
+    rank, world_size : int
+        Data-parallel training: draw only share ``rank`` (0-based) of
+        ``world_size`` of every epoch. Every rank computes the same seeded
+        order, so the shares are disjoint and cover the epoch, and each pair
+        keeps the negatives it would get in one process.
 
     Raises
     ------
@@ -88,6 +93,8 @@ class WarpSampler(_native.WarpSampler):
         prefetch: int = 4,
         weighted: bool = False,
         popularity_exponent: float = 0.0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> WarpSampler:
         matrix = as_csr(user_items, "user_items")
         values = np.ascontiguousarray(matrix.data, dtype=np.float32) if weighted else None
@@ -103,18 +110,22 @@ class WarpSampler(_native.WarpSampler):
             prefetch,
             values,
             exponent,
+            rank,
+            world_size,
         )
         sampler._matrix, sampler._values_given = matrix, bool(weighted)
         return sampler
 
     def __reduce__(self) -> Any:
         options = (self.batch_size, self.n_negatives, self.seed, self.num_threads, self.check_negative, self.prefetch)
-        return (_restore, (self._matrix, (*options, self._values_given, self.popularity_exponent), self.epoch))
+        options += (self._values_given, self.popularity_exponent, self.rank, self.world_size)
+        return (_restore, (self._matrix, options, self.epoch))
 
     def __repr__(self) -> str:
         return (
             f"WarpSampler(n_users={self.n_users}, n_items={self.n_items}, n_pairs={self.n_pairs}, "
-            f"batch_size={self.batch_size}, n_negatives={self.n_negatives}, epoch={self.epoch})"
+            f"batch_size={self.batch_size}, n_negatives={self.n_negatives}, epoch={self.epoch}"
+            + (f", rank={self.rank}, world_size={self.world_size})" if self.world_size > 1 else ")")
         )
 
 

@@ -27,6 +27,14 @@
 //! logarithm keeps a pair with thousands of plays from crowding out the rest;
 //! a pair of value 0 is never drawn. Equal values give the unweighted epoch.
 //!
+//! Shares (data-parallel training): a sampler made with [`WarpSampler::with_share`]
+//! `(rank, world_size)` visits only the `rank`-th of `world_size` contiguous,
+//! equal (to one pair) slices of each epoch's order. Every rank computes the
+//! same seeded order, so the shares are disjoint and together cover the epoch,
+//! and a pair's negatives are keyed by its position in the whole epoch: the
+//! union of the shares' batches holds exactly the single-process epoch's pairs
+//! and negatives, only cut into batches differently.
+//!
 //! Cost per epoch: O(nnz) for the permutation plus O(nnz * U * log |row|) for
 //! the negatives, spread over the pool. [`BatchStream`] runs this on its own
 //! thread, a bounded number of batches ahead of the consumer.
@@ -129,6 +137,8 @@ pub struct WarpSampler {
     /// Items weighted by popularity^exponent, when negatives follow popularity.
     popular: Option<AliasTable>,
     config: SamplerConfig,
+    /// This sampler's slice of every epoch: (rank, world_size).
+    share: (usize, usize),
 }
 
 impl WarpSampler {
@@ -214,7 +224,50 @@ impl WarpSampler {
             long_rows,
             popular,
             config,
+            share: (0, 1),
         })
+    }
+
+    /// The same sampler drawing only share `rank` of `world_size` of every epoch
+    /// (see the module notes): disjoint across ranks, complete together.
+    pub fn with_share(mut self, rank: usize, world_size: usize) -> Result<WarpSampler> {
+        if world_size == 0 {
+            return Err(CoreError::invalid("world_size must be at least 1, got 0"));
+        }
+        if rank >= world_size {
+            return Err(CoreError::invalid(format!(
+                "rank must be below world_size {world_size}, got {rank}"
+            )));
+        }
+        if world_size > self.n_pairs() {
+            return Err(CoreError::invalid(format!(
+                "world_size {world_size} exceeds the {} training pairs, so some ranks would draw nothing; \
+                 use at most {} ranks",
+                self.n_pairs(),
+                self.n_pairs()
+            )));
+        }
+        self.share = (rank, world_size);
+        Ok(self)
+    }
+
+    /// (rank, world_size) of this sampler's share of each epoch.
+    pub fn share(&self) -> (usize, usize) {
+        self.share
+    }
+
+    /// Positions `[start, end)` of the epoch order that this share visits.
+    fn share_range(&self) -> (usize, usize) {
+        let (rank, world) = self.share;
+        let n = self.n_pairs();
+        // rank * n fits: n < 2^32 and rank < n.
+        (rank * n / world, (rank + 1) * n / world)
+    }
+
+    /// Pairs this share visits per epoch.
+    pub fn share_len(&self) -> usize {
+        let (start, end) = self.share_range();
+        end - start
     }
 
     /// A sampler that draws pairs in proportion to `ln(1 + value)`, `values`
@@ -276,13 +329,23 @@ impl WarpSampler {
         self.config.batch_size.min(self.n_pairs()) * self.config.n_negatives
     }
 
-    /// Batches per epoch, the last partial one included.
+    /// Batches per epoch of this share, the last partial one included.
     pub fn n_batches(&self) -> usize {
-        self.n_pairs().div_ceil(self.config.batch_size)
+        self.share_len().div_ceil(self.config.batch_size)
     }
 
-    /// The seeded order in which epoch `epoch` visits the pairs (indices into CSR order).
+    /// The pairs (indices into CSR order) that this share visits in epoch
+    /// `epoch`, in order: its slice of the epoch's seeded order.
     pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
+        let mut order = self.full_epoch_order(epoch);
+        let (start, end) = self.share_range();
+        order.truncate(end);
+        order.drain(..start);
+        order
+    }
+
+    /// The seeded order in which epoch `epoch` visits all pairs.
+    fn full_epoch_order(&self, epoch: u64) -> Vec<u32> {
         let mut order: Vec<u32> = (0..self.n_pairs() as u32).collect();
         let mut rng = Rng::stream(self.config.seed, tag::EPOCH_ORDER, &[epoch]);
         rng.shuffle(&mut order);
@@ -293,11 +356,13 @@ impl WarpSampler {
         order
     }
 
-    /// Batch `index` of epoch `epoch`, given that epoch's `order`.
+    /// Batch `index` of epoch `epoch`, given [`Self::epoch_order`] of that epoch.
     pub fn batch(&self, epoch: u64, order: &[u32], index: usize, num_threads: usize) -> Batch {
-        debug_assert_eq!(order.len(), self.n_pairs());
+        debug_assert_eq!(order.len(), self.share_len());
         let start = index * self.config.batch_size;
-        let end = (start + self.config.batch_size).min(self.n_pairs());
+        let end = (start + self.config.batch_size).min(order.len());
+        // Negatives are keyed by position in the whole epoch, whatever the share.
+        let share_start = self.share_range().0;
         let pairs = &order[start..end];
         let u = self.config.n_negatives;
         let (mut users, mut positives) = (vec![0i64; pairs.len()], vec![0i64; pairs.len()]);
@@ -334,7 +399,7 @@ impl WarpSampler {
                 let user = user_of(local);
                 unit_users[offset] = user as i64;
                 unit_positives[offset] = self.positives.indices()[pairs[local] as usize] as i64;
-                self.draw_negatives(epoch, (start + local) as u64, user, slots);
+                self.draw_negatives(epoch, (share_start + start + local) as u64, user, slots);
             }
         });
         drop(units);
@@ -727,6 +792,56 @@ mod tests {
             .collect();
         pairs.sort();
         assert_eq!(pairs, vec![(0, 0), (0, 2), (1, 1), (2, 3), (2, 4), (2, 5)]);
+    }
+
+    #[test]
+    fn shares_are_disjoint_complete_and_keep_each_pairs_negatives() {
+        let rows: Vec<Vec<u32>> = (0..23u32)
+            .map(|u| (0..1 + u % 5).map(|k| (u * 7 + k * 3) % 40).collect())
+            .map(|mut r: Vec<u32>| {
+                r.sort();
+                r.dedup();
+                r
+            })
+            .collect();
+        let whole = sampler(&rows, 40, 1000, 9);
+        let order = whole.epoch_order(3);
+        let reference = whole.batch(3, &order, 0, 1);
+        let triples = |b: &Batch| -> Vec<(i64, i64, Vec<i64>)> {
+            (0..b.len())
+                .map(|i| {
+                    (
+                        b.users[i],
+                        b.positives[i],
+                        b.negatives[i * 5..(i + 1) * 5].to_vec(),
+                    )
+                })
+                .collect()
+        };
+        let mut expected = triples(&reference);
+        for world in [1usize, 2, 3, 7] {
+            let mut union = Vec::new();
+            for rank in 0..world {
+                let share = sampler(&rows, 40, 4, 9).with_share(rank, world).unwrap();
+                let order = share.epoch_order(3);
+                assert!(order.len().abs_diff(whole.n_pairs() / world) <= 1);
+                for b in 0..share.n_batches() {
+                    union.extend(triples(&share.batch(3, &order, b, 2)));
+                }
+            }
+            union.sort();
+            expected.sort();
+            assert_eq!(union, expected, "world_size {world}");
+        }
+        let err = |r, w| {
+            sampler(&rows, 40, 4, 9)
+                .with_share(r, w)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(0, 0).contains("world_size must be at least 1"));
+        assert!(err(2, 2).contains("rank must be below world_size 2, got 2"));
+        assert!(err(0, 1000).contains("world_size 1000 exceeds the"));
     }
 
     #[test]

@@ -81,6 +81,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Int {
 impl Int {
     /// The default of a `num_threads` argument (all cores).
     pub(crate) const ZERO: Int = Int { value: Ok(0) };
+    pub(crate) const ONE: Int = Int { value: Ok(1) };
     pub(crate) const DEFAULT_TABLES: Int = Int {
         value: Ok(cml_core::lsh::DEFAULT_TABLES as i64),
     };

@@ -61,9 +61,11 @@ impl WarpSampler {
 impl WarpSampler {
     /// A sampler over the CSR arrays of a user x item matrix; with `values`
     /// (one per stored entry), pairs are drawn in proportion to ln(1 + value);
-    /// with `popularity_exponent` > 0, negatives in proportion to popularity^it.
+    /// with `popularity_exponent` > 0, negatives in proportion to popularity^it;
+    /// with `world_size` > 1, only share `rank` of every epoch.
     #[new]
-    #[pyo3(signature = (indptr, indices, n_items, batch_size, n_negatives, seed, num_threads, check_negative, prefetch, values=None, popularity_exponent=0.0))]
+    #[pyo3(signature = (indptr, indices, n_items, batch_size, n_negatives, seed, num_threads, check_negative, prefetch, values=None, popularity_exponent=0.0, rank=Int::ZERO, world_size=Int::ONE),
+           text_signature = "(indptr, indices, n_items, batch_size, n_negatives, seed, num_threads, check_negative, prefetch, values=None, popularity_exponent=0.0, rank=0, world_size=1)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -78,6 +80,8 @@ impl WarpSampler {
         prefetch: Int,
         values: Option<PyReadonlyArray1<'_, f32>>,
         popularity_exponent: f32,
+        rank: Int,
+        world_size: Int,
     ) -> PyResult<Self> {
         let arg = (indptr, indices, n_items);
         let matrix = crate::CsrParts::borrow("user_items", &arg)?;
@@ -89,6 +93,7 @@ impl WarpSampler {
             popularity_exponent,
         };
         let (num_threads, prefetch) = (num_threads.threads()?, prefetch.count("prefetch")?);
+        let (rank, world_size) = (rank.count("rank")?, world_size.count("world_size")?);
         let values = values
             .as_ref()
             .map(|v| {
@@ -103,7 +108,8 @@ impl WarpSampler {
                     let (csr, values) = matrix.to_csr_with(Some(values))?;
                     cml_core::WarpSampler::with_confidence(csr, &values, config)
                 }
-            }?;
+            }?
+            .with_share(rank, world_size)?;
             cml_core::sampler::check_prefetch(prefetch, &sampler)?;
             Ok(sampler)
         })?;
@@ -128,6 +134,18 @@ impl WarpSampler {
     #[getter]
     fn n_pairs(&self) -> usize {
         self.inner.n_pairs()
+    }
+
+    /// This sampler's share of every epoch: its rank...
+    #[getter]
+    fn rank(&self) -> usize {
+        self.inner.share().0
+    }
+
+    /// ...of this many disjoint shares.
+    #[getter]
+    fn world_size(&self) -> usize {
+        self.inner.share().1
     }
 
     /// Rows of the matrix.
