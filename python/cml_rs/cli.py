@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -135,19 +136,42 @@ def command_train(args: argparse.Namespace) -> int:
     model = _model_from_args(args)
     features = _feature_blocks(dataset.item_features, args.features, dataset.name, "item")
     user_features = _feature_blocks(dataset.user_features, args.user_features, dataset.name, "user")
-    detected = f" ({dataset.note})" if dataset.note else ""
-    print(f"{dataset}{detected}\nsplit: {_split_sizes(split)} ({split.note})")
-    start = time.perf_counter()
     validation = split.validation if split.validation.nnz else None
-    model.fit(
-        split.train,
-        validation=validation,
-        show_progress=not args.no_progress,
-        item_features=features,
-        user_features=user_features,
-        checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every,
-    )
+    # Under torchrun (WORLD_SIZE > 1) every rank trains its shard of one model;
+    # rank 0 then holds the whole model, reports and saves it.
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1:
+        from . import distributed
+
+        if features is not None or user_features is not None:
+            raise ValueError("CML+F (--features, --user-features) is not sharded yet; train it in one process")
+        world = distributed.init(None if args.backend == "auto" else args.backend, args.timeout)
+        start = time.perf_counter()
+        distributed.fit(
+            model,
+            split.train,
+            validation=validation,
+            show_progress=not args.no_progress,
+            checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every,
+        )
+        if world.rank != 0:
+            return 0
+        print(f"{dataset}\nsplit: {_split_sizes(split)} ({split.note})")
+        print(f"trained on {world_size} ranks ({world.backend}) in {time.perf_counter() - start:.1f}s")
+    else:
+        detected = f" ({dataset.note})" if dataset.note else ""
+        print(f"{dataset}{detected}\nsplit: {_split_sizes(split)} ({split.note})")
+        start = time.perf_counter()
+        model.fit(
+            split.train,
+            validation=validation,
+            show_progress=not args.no_progress,
+            item_features=features,
+            user_features=user_features,
+            checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every,
+        )
     print(f"trained in {time.perf_counter() - start:.1f}s, best epoch {model.best_epoch_}")
     table, _ = _metrics_table(model, split, [50, 100], args.num_threads)
     print("test metrics:\n" + table)
@@ -397,6 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the fit's state here as it goes; if the file exists, resume from it (same data and settings)",
     )
     train.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default: 1)")
+    train.add_argument(
+        "--backend",
+        choices=("auto", "gloo", "nccl"),
+        default="auto",
+        help="under torchrun: torch.distributed backend (auto: nccl with GPUs, else gloo)",
+    )
+    train.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="under torchrun: seconds a rank waits for the others before failing (default 300)",
+    )
     data_options(train)
     _hyperparameter_arguments(train)
     train.set_defaults(handler=command_train)
@@ -479,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cml-rs: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as error:
+        from .distributed import DistributedError  # torch is loaded by then
+
+        if not isinstance(error, DistributedError):  # a lost rank of a distributed fit
+            raise
+        print(f"cml-rs: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

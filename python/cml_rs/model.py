@@ -716,9 +716,7 @@ class CollaborativeMetricLearning:
                         f"{source}: a stored {kind} vector has norm {largest:.4g}, outside the ball of radius "
                         f"{model.max_norm} the model keeps them in; the file is damaged"
                     )
-            embedding = CMLEmbedding(1, 1, model.factors, model.max_norm)
-            embedding.users = torch.nn.Parameter(torch.from_numpy(users))
-            embedding.items = torch.nn.Parameter(torch.from_numpy(items))
+            embedding = CMLEmbedding.from_vectors(torch.from_numpy(users), torch.from_numpy(items), model.max_norm)
             model.embedding_ = embedding.to(model.device)
             for side, prefix, count in (
                 ("item", "projector", "n_features"),

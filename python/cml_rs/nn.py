@@ -63,6 +63,14 @@ class CMLEmbedding(torch.nn.Module):
         self.items = torch.nn.Parameter(torch.randn(n_items, dim, generator=generator) * scale)
         self.clip_to_ball()
 
+    @classmethod
+    def from_vectors(cls, users: Tensor, items: Tensor, max_norm: float = 1.0) -> CMLEmbedding:
+        """An embedding holding the given vectors (already inside the ball) as its parameters."""
+        embedding = cls(1, 1, int(users.shape[1]), max_norm)
+        embedding.users = torch.nn.Parameter(users)
+        embedding.items = torch.nn.Parameter(items)
+        return embedding
+
     @property
     def dim(self) -> int:
         return int(self.users.shape[1])

@@ -60,6 +60,9 @@ class Trainer:
         validation: sp.csr_matrix | None,
         item_features: sp.csr_matrix | None = None,
         user_features: sp.csr_matrix | None = None,
+        sampler: WarpSampler | None = None,
+        catalogue_size: int | None = None,
+        identity: str = "",
     ) -> None:
         self.model = model
         self.train = train
@@ -67,17 +70,14 @@ class Trainer:
         self.item_features = item_features
         self.user_features = user_features
         self.n_items = train.shape[1]
+        # The items the WARP rank is estimated over: all of them, also when a
+        # shard of the model sees one block of them at a time (cml_rs.distributed).
+        self.catalogue_size = catalogue_size or self.n_items
+        self.identity = identity  # told apart in checkpoints (a shard's rank)
         self.sparse = model.covariance_rows != "all"
         self.optimizer = _optimizer(model, self.sparse)
-        self.sampler = WarpSampler(
-            train,
-            batch_size=model.batch_size,
-            n_negatives=model.n_negatives,
-            seed=model.random_state,
-            num_threads=model.num_threads,
-            weighted=not model.binary,
-            popularity_exponent=model.negative_popularity,
-        )
+        self.sampler = sampler or warp_sampler(model, train)
+        self.checkpoint_meta: dict[str, Any] = {}  # more to record in checkpoints (a shard's place)
         self.eval_users = _evaluation_users(validation, model.eval_users, model.random_state)
         self.best_recall = -1.0
         self.best_loss = float("inf")
@@ -153,14 +153,14 @@ class Trainer:
                     negatives,
                     pos_dist.numpy(),
                     model.margin,
-                    self.n_items,
+                    self.catalogue_size,
                     model.num_threads,
                 )
                 weights = torch.from_numpy(weights)
             else:
                 neg = embedding.items[torch.from_numpy(negatives).to(model.device)]
                 weights, hardest = rank_weights_torch(
-                    pos_dist, (u.unsqueeze(1) - neg).pow(2).sum(-1), model.margin, self.n_items
+                    pos_dist, (u.unsqueeze(1) - neg).pow(2).sum(-1), model.margin, self.catalogue_size
                 )
                 hardest = hardest.cpu().numpy()
         targets = negatives[np.arange(len(negatives)), hardest] if model.hardest_only else negatives
@@ -328,6 +328,7 @@ class Trainer:
             digest.update(np.ascontiguousarray(part.data, dtype=np.float32).tobytes())
         settings = {k: v for k, v in self.model.hyperparameters().items() if k != "device"}
         digest.update(json.dumps(settings, sort_keys=True).encode())
+        digest.update(self.identity.encode())
         return digest.hexdigest()
 
     def save_checkpoint(self, path: str | os.PathLike, epoch: int, finished: bool) -> None:
@@ -355,6 +356,7 @@ class Trainer:
             "best_epoch": model.best_epoch_,
             "history": model.history_,
             "state": _flatten(tree, "", arrays),
+            **self.checkpoint_meta,
         }
         save_npz(path, arrays, meta)
 
@@ -387,6 +389,19 @@ class Trainer:
                     f"{reader.name}: the checkpoint is incomplete ({error}); the file is damaged"
                 ) from None
         return epoch + 1, finished
+
+
+def warp_sampler(model: CollaborativeMetricLearning, train: sp.csr_matrix, seed: int | None = None) -> WarpSampler:
+    """The WARP sampler of ``train`` with ``model``'s settings (its seed unless ``seed``)."""
+    return WarpSampler(
+        train,
+        batch_size=model.batch_size,
+        n_negatives=model.n_negatives,
+        seed=model.random_state if seed is None else seed,
+        num_threads=model.num_threads,
+        weighted=not model.binary,
+        popularity_exponent=model.negative_popularity,
+    )
 
 
 def _callback_caller(callback: Callback | None) -> Callable[[int, float, float, dict], Any]:
