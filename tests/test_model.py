@@ -181,6 +181,8 @@ def test_cml_beats_popularity_on_synthetic_clusters():
         dict(margin=0.5),
         dict(n_negatives=3),
         dict(negative_popularity=1.0),
+        dict(adaptive_margin=0.5),
+        dict(adaptive_margin=0.5, covariance_rows="all"),
         dict(max_norm=0.5),
     ],
     ids=lambda options: ",".join(options),
@@ -196,6 +198,26 @@ def test_every_option_changes_the_fit(options):
     assert not np.array_equal(changed.item_factors, default.item_factors), options
     radius = options.get("max_norm", 1.0)
     assert np.linalg.norm(changed.user_factors, axis=1).max() <= radius * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("covariance_rows", ["all", "sampled"])
+def test_adaptive_margins_follow_their_reward_within_bounds(covariance_rows):
+    from cml_rs.training import Trainer
+
+    matrix = checkerboard(40, 40)
+    means = {}
+    for reward in (0.01, 20.0):
+        model = small_model(adaptive_margin=reward, covariance_rows=covariance_rows)
+        model._build(*matrix.shape, None, None)
+        trainer = Trainer(model, matrix, None)
+        for epoch in range(3):
+            trainer.run_epoch(epoch)
+        margins = trainer.margins.detach().numpy().ravel()
+        assert margins.min() >= 0.0 and margins.max() <= 4.0 and np.ptp(margins) > 0
+        means[reward] = margins.mean()
+    # The gradient on m_u is the rank-weighted count of active hinges minus the
+    # reward per pair: a small reward narrows the margins, a large one widens them.
+    assert means[0.01] < 1.0 < means[20.0]
 
 
 def test_fit_errors_name_the_problem(fitted):

@@ -471,15 +471,16 @@ def test_saves_killed_at_random_moments_never_damage_the_file(model, tmp_path):
 # -------------------------------------------------------------------- 5. resumable training
 
 TRAIN_SCRIPT = """
-import os, signal, sys, numpy as np, cml_rs
+import json, os, signal, sys, numpy as np, cml_rs
 from cml_rs import datasets
 data = datasets.synthetic(n_users=600, n_items=400, n_interactions=12000, n_clusters=8, seed=4)
 split = datasets.split_paper(data.user_items, seed=0)
-mode, checkpoint, out = sys.argv[1], sys.argv[2], sys.argv[3]
+mode, checkpoint, out, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 def killer(epoch, elapsed, loss, metrics):
     if mode == "kill" and epoch == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-model = cml_rs.CML(factors=16, epochs=10, num_threads=2, covariance_rows="sampled", eval_every=1, patience=50)
+model = cml_rs.CML(factors=16, epochs=10, num_threads=2, covariance_rows="sampled", eval_every=1, patience=50,
+                   **options)
 model.fit(split.train, validation=split.validation, show_progress=False, callback=killer,
           checkpoint=None if mode == "plain" else checkpoint)
 np.save(out, model.item_factors)
@@ -488,14 +489,15 @@ print("epochs", len(model.history_))
 
 
 @pytest.mark.timeout(300)
-def test_a_fit_killed_and_resumed_ends_bit_identical(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"adaptive_margin": 0.5}], ids=["defaults", "adaptive-margins"])
+def test_a_fit_killed_and_resumed_ends_bit_identical(tmp_path, options):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     checkpoint = tmp_path / "fit.ckpt"
 
     def run(mode: str, out: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, str(script), mode, str(checkpoint), str(tmp_path / out)],
+            [sys.executable, str(script), mode, str(checkpoint), str(tmp_path / out), json.dumps(options)],
             capture_output=True,
             text=True,
             timeout=240,

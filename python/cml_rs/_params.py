@@ -72,6 +72,15 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
         flag="--optimizer",
     ),
     Hyperparameter(
+        "adaptive_margin",
+        0.0,
+        "learn a margin per user, rewarded by this much per pair (SML, Li et al. 2020; 0: one fixed margin)",
+        float,
+        0.0,
+        100.0,
+        flag="--adaptive-margin",
+    ),
+    Hyperparameter(
         "negative_popularity",
         0.0,
         "draw negatives in proportion to popularity^this (Tran et al.'s two-stage sampling; 0: uniform)",
@@ -139,7 +148,15 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
         1.0,
     ),
     Hyperparameter("eval_k", 50, "recall cut-off used for model selection", int, 1, 1_000_000),
-    Hyperparameter("eval_users", 0, "validation users sampled for model selection (0: all)", int, 0, 1 << 40),
+    Hyperparameter(
+        "eval_users",
+        30_000,
+        "validation users sampled for model selection (0: all)",
+        int,
+        0,
+        1 << 40,
+        flag="--eval-users",
+    ),
     Hyperparameter("num_threads", 0, "CPU threads (0: all cores)", int, 0, MAX_THREADS, flag="--threads"),
     Hyperparameter(
         "random_state",

@@ -75,7 +75,13 @@ class Trainer:
         self.catalogue_size = catalogue_size or self.n_items
         self.identity = identity  # told apart in checkpoints (a shard's rank)
         self.sparse = model.covariance_rows != "all"
-        self.optimizer = _optimizer(model, self.sparse)
+        # Per-user margins (adaptive_margin > 0): training state only, ranking
+        # uses distances alone, so they are kept here and in checkpoints.
+        self.margins: torch.nn.Parameter | None = None
+        if model.adaptive_margin > 0:
+            n_users = model.embedding_.users.shape[0]
+            self.margins = torch.nn.Parameter(torch.full((n_users, 1), float(model.margin), device=model.device))
+        self.optimizer = _optimizer(model, self.sparse, [] if self.margins is None else [self.margins])
         self.sampler = sampler or warp_sampler(model, train)
         self.checkpoint_meta: dict[str, Any] = {}  # more to record in checkpoints (a shard's place)
         self.eval_users = _evaluation_users(validation, model.eval_users, model.random_state)
@@ -99,8 +105,12 @@ class Trainer:
         """
         model, embedding = self.model, self.model.embedding_
         users, positives, negatives = batch
-        weights, targets = self.hardest(users, positives, negatives)
         user_ids, user_local = np.unique(users, return_inverse=True)
+        margin: float | torch.Tensor = model.margin
+        if self.margins is not None:
+            margin_rows = self.rows(self.margins, user_ids)
+            margin = torch.nn.functional.embedding(torch.from_numpy(user_local).to(model.device), margin_rows)[:, 0]
+        weights, targets = self.hardest(users, positives, negatives, margin)
         item_ids, item_local = np.unique(np.concatenate([positives, targets.ravel()]), return_inverse=True)
         user_rows = self.rows(embedding.users, user_ids)
         item_rows = self.rows(embedding.items, item_ids)
@@ -111,12 +121,17 @@ class Trainer:
         n = torch.nn.functional.embedding(local[len(positives) :].reshape(targets.shape), item_rows)
         pos_dist = (u - p).pow(2).sum(-1)
         if model.hardest_only:
-            pair_loss = torch.relu(model.margin + pos_dist - (u - n).pow(2).sum(-1))
+            pair_loss = torch.relu(margin + pos_dist - (u - n).pow(2).sum(-1))
         else:
-            hinge = torch.relu((model.margin + pos_dist).unsqueeze(1) - (u.unsqueeze(1) - n).pow(2).sum(-1))
+            hinge = torch.relu((margin + pos_dist).unsqueeze(1) - (u.unsqueeze(1) - n).pow(2).sum(-1))
             pair_loss = hinge.sum(dim=1) / (hinge > 0).sum(dim=1).clamp_min(1)
         loss = (pair_loss * weights).sum() if model.rank_weighted else pair_loss.sum()
         touched = [("users", user_ids), ("items", item_ids)]
+        if isinstance(margin, torch.Tensor):
+            # SML's reward for wide margins: a user's margin grows until the
+            # (weighted) share of its pairs with an active hinge reaches gamma.
+            loss = loss - model.adaptive_margin * margin.sum()
+            touched.append(("margins", user_ids))
         if model.lambda_c > 0:
             if model.covariance_rows == "all":
                 penalty = covariance_loss(embedding.users, embedding.items)
@@ -138,21 +153,29 @@ class Trainer:
         return loss, touched
 
     def hardest(
-        self, users: np.ndarray, positives: np.ndarray, negatives: np.ndarray
+        self,
+        users: np.ndarray,
+        positives: np.ndarray,
+        negatives: np.ndarray,
+        margin: float | torch.Tensor,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """The WARP weights of the batch's pairs, and the negatives that take a gradient:
-        the hardest of each pair's (or all of them without ``hardest_only``)."""
+        the hardest of each pair's (or all of them without ``hardest_only``). ``margin``
+        is the model's, or one per pair (adaptive margins)."""
         model, embedding = self.model, self.model.embedding_
         with torch.no_grad():
             u = embedding.users[torch.from_numpy(users).to(model.device)]
             pos_dist = (u - embedding.items[torch.from_numpy(positives).to(model.device)]).pow(2).sum(-1)
+            if isinstance(margin, torch.Tensor):
+                # An impostor is within margin_u + d(u, i): fold the pair's margin into d.
+                pos_dist, margin = pos_dist + margin.detach(), 0.0
             if model.device.type == "cpu":
                 weights, hardest = _native.rank_weights_by_id(
                     u.numpy(),
                     embedding.items.detach().numpy(),
                     negatives,
                     pos_dist.numpy(),
-                    model.margin,
+                    margin,
                     self.catalogue_size,
                     model.num_threads,
                 )
@@ -160,7 +183,7 @@ class Trainer:
             else:
                 neg = embedding.items[torch.from_numpy(negatives).to(model.device)]
                 weights, hardest = rank_weights_torch(
-                    pos_dist, (u.unsqueeze(1) - neg).pow(2).sum(-1), model.margin, self.catalogue_size
+                    pos_dist, (u.unsqueeze(1) - neg).pow(2).sum(-1), margin, self.catalogue_size
                 )
                 hardest = hardest.cpu().numpy()
         targets = negatives[np.arange(len(negatives)), hardest] if model.hardest_only else negatives
@@ -205,9 +228,15 @@ class Trainer:
                 model.embedding_.clip_to_ball()
             else:
                 for side, ids in touched:
+                    if side == "margins":  # between 0 and the largest squared distance in the ball
+                        index = torch.from_numpy(ids).to(model.device)
+                        self.margins[index] = self.margins[index].clamp(0.0, 4.0 * model.max_norm**2)
+                        continue
                     table = model.embedding_.users if side == "users" else model.embedding_.items
                     index = torch.from_numpy(ids).to(model.device)
                     table[index] = clip_rows(table[index], model.max_norm)
+            if self.margins is not None and not self.sparse:
+                self.margins.clamp_(0.0, 4.0 * model.max_norm**2)
         return value
 
     # ------------------------------------------------------------------ epochs
@@ -341,6 +370,7 @@ class Trainer:
             "best": self.best_state,
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "margins": None if self.margins is None else self.margins.detach(),
         }
         arrays: dict[str, np.ndarray] = {}
         meta = {
@@ -374,6 +404,9 @@ class Trainer:
                 tree = _unflatten(meta["state"], reader)
                 _load_module_state(model, tree["model"])
                 self.best_state = tree["best"]
+                if self.margins is not None:
+                    with torch.no_grad():
+                        self.margins.copy_(tree["margins"])
                 self.optimizer.load_state_dict(tree["optimizer"])
                 torch.set_rng_state(tree["torch_rng"])
                 epoch = meta_int(meta, "epoch", reader.name)
@@ -449,9 +482,12 @@ class _Optimizers(torch.optim.Optimizer):
             o.load_state_dict(s)
 
 
-def _optimizer(model: CollaborativeMetricLearning, sparse: bool) -> torch.optim.Optimizer:
-    """AdaGrad (sparse gradients welcome) or Adam (SparseAdam for sparse embedding gradients)."""
-    embedding = list(model.embedding_.parameters())
+def _optimizer(
+    model: CollaborativeMetricLearning, sparse: bool, tables: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    """AdaGrad (sparse gradients welcome) or Adam (SparseAdam for sparse embedding gradients);
+    ``tables`` are more parameters looked up like the embedding (per-user margins)."""
+    embedding = list(model.embedding_.parameters()) + tables
     network = [p for n in (model.item_network_, model.user_network_) if n is not None for p in n.parameters()]
     if model.optimizer == "adagrad":
         return torch.optim.Adagrad(embedding + network, lr=model.learning_rate, initial_accumulator_value=0.0)
