@@ -70,6 +70,9 @@ class LightFMWarp(baselines.ScoringRecommender):
     The number of epochs is chosen on validation like CML's: ``fit`` trains up
     to ``max_epochs`` in steps of ``check_every`` and keeps the state with the
     best validation recall@50, stopping after ``patience`` checks without gain.
+    With ``item_features`` (LightFM's format: one row per item, e.g. an
+    identity block beside the feature blocks), items are represented through
+    them; :meth:`item_representations` maps rows of that format for new items.
     """
 
     def __init__(
@@ -83,11 +86,13 @@ class LightFMWarp(baselines.ScoringRecommender):
         max_epochs: int = 200,
         check_every: int = 10,
         patience: int = 2,
+        item_features: sp.csr_matrix | None = None,
     ):
         super().__init__()
         self.options = dict(no_components=no_components, learning_rate=learning_rate, item_alpha=item_alpha)
         self.seed, self.threads, self.validation = seed, threads, validation
         self.max_epochs, self.check_every, self.patience = max_epochs, check_every, patience
+        self.item_features = item_features
         self.epochs_ = 0
 
     def fit(self, user_items: Any, show_progress: bool = False) -> LightFMWarp:
@@ -99,7 +104,10 @@ class LightFMWarp(baselines.ScoringRecommender):
         self.model = LightFM(loss="warp", random_state=self.seed, **self.options)
         best, best_state, stale = -1.0, None, 0
         for epoch in range(self.check_every, self.max_epochs + 1, self.check_every):
-            self.model.fit_partial(matrix.tocoo(), epochs=self.check_every, num_threads=self.threads)
+            self.model.fit_partial(
+                matrix.tocoo(), item_features=self.item_features, epochs=self.check_every, num_threads=self.threads
+            )
+            self._items = self.item_representations(self.item_features)
             if self.validation is None:
                 continue
             recall = evaluation.ranking_metrics_at_k(self, matrix, self.validation, K=50)["recall"]
@@ -111,11 +119,17 @@ class LightFMWarp(baselines.ScoringRecommender):
                     break
         if best_state is not None:
             self.model = best_state
+            self._items = self.item_representations(self.item_features)
         return self
+
+    def item_representations(self, item_features: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray]:
+        """(biases, vectors) of the items whose LightFM feature rows are given (None: the trained items)."""
+        return self.model.get_item_representations(item_features)
 
     def scores(self, userids: np.ndarray, user_rows: sp.csr_matrix) -> np.ndarray:
         m = self.model
-        return m.user_embeddings[userids] @ m.item_embeddings.T + m.item_biases[None, :] + m.user_biases[userids, None]
+        biases, vectors = self._items
+        return m.user_embeddings[userids] @ vectors.T + biases[None, :] + m.user_biases[userids, None]
 
 
 def implicit_model(kind: str, threads: int, seed: int, **params: Any) -> Any:
