@@ -94,7 +94,7 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("lambda_c", 10.0, "weight of the covariance regulariser", float, 0.0, 1e6, flag="--lambda-c"),
     Hyperparameter(
         "covariance_rows",
-        "all",
+        "sampled",
         "covariance over all user and item rows, the batch's rows, or a uniform sample of rows",
         str,
         choices=("all", "batch", "sampled"),
