@@ -1,7 +1,8 @@
 """GPU checks, in one run (issue 2 section 3, issue 3 sections 3 and 7): the
 torch rank weights on CUDA agree with the native kernel; the cheap WARP loss
 equals the reference formulation on CUDA; CML trains on citeulike-t on the GPU
-(AdaGrad and Adam) next to a short CPU run for scale; and the package defaults
+(AdaGrad and Adam) next to a short CPU run for scale; an epoch of the 10M-pair
+synthetic set is timed (issue 13); and the package defaults
 are run on ml-1m-implicit (paper split) and gowalla (its shipped split).
 Results are written after every step, so a run cut short still reports.
 
@@ -80,6 +81,26 @@ def train(split, device: str, name: str = "citeulike-t", **options) -> dict:
     }
 
 
+def synthetic_epoch(device: str, epochs: int = 2) -> dict:
+    """Seconds per training epoch on the synthetic 1M users x 300k items x 10M
+    interactions (issue 13: under 5 s on a GPU); the first epoch warms up."""
+    from cml_rs.training import Trainer
+
+    matrix = datasets.synthetic(1_000_000, 300_000, 10_000_000, n_clusters=500, seed=0).user_items
+    model = cml_rs.CML(device=device)
+    model._build(*matrix.shape, None, None)
+    trainer = Trainer(model, matrix, None)
+    seconds = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        trainer.run_epoch(epoch)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    name = "synthetic 1M x 300k x 10M"
+    return {"dataset": name, "device": device, "pairs": int(matrix.nnz), "epoch_seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="folder holding citeulike-t/")
@@ -112,6 +133,7 @@ def main() -> None:
     record(train(citeulike, args.device, **caps))
     record(train(citeulike, args.device, optimizer="adam", learning_rate=0.002, **caps))
     record(train(citeulike, "cpu", epochs=args.cpu_epochs, num_threads=16))
+    record(synthetic_epoch(args.device))
     if (data_dir / "ml-1m-implicit").is_dir():
         ml1m = datasets.load_movielens_1m_implicit(data_dir / "ml-1m-implicit")
         ml1m_split = datasets.split_paper(ml1m.user_items, seed=0)

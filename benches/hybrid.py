@@ -503,6 +503,9 @@ def main() -> None:
     if args.part == "report":
         print(report())
         return
+    from panel import require_extras
+
+    require_extras({"features": ["lightfm"], "cold-items": ["lightfm"], "fold-in": ["wrmf"]}.get(args.part, []))
     import torch
 
     torch.set_num_threads(args.threads)

@@ -132,6 +132,21 @@ class LightFMWarp(baselines.ScoringRecommender):
         return m.user_embeddings[userids] @ vectors.T + biases[None, :] + m.user_biases[userids, None]
 
 
+EXTRAS = {"wrmf": ["implicit", "threadpoolctl"], "bpr": ["implicit", "threadpoolctl"], "lightfm": ["lightfm"]}
+
+
+def require_extras(models: list[str]) -> None:
+    """Stops with the install command when a requested baseline's package is missing."""
+    import importlib.util
+
+    missing = sorted({p for m in models for p in EXTRAS.get(m, []) if importlib.util.find_spec(p) is None})
+    if missing:
+        raise SystemExit(
+            f"the baselines {[m for m in models if set(EXTRAS.get(m, [])) & set(missing)]} need {missing}: "
+            f"pip install 'cml-rs[bench]' (or leave them out with --models)"
+        )
+
+
 def implicit_model(kind: str, threads: int, seed: int, **params: Any) -> Any:
     import implicit
 
@@ -253,23 +268,38 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[st
     return {**best, "grid": grid, "trials": list(tried.values()), "still_on_edge": edges}
 
 
-# CML variants: the package defaults, and options measured against them.
+# CML variants: the package defaults, options measured against them (their
+# settings picked on ml-100k's validation split, see RESULTS.md), and the tuner
+# under a stated budget.
 CML_VARIANTS: dict[str, dict[str, Any]] = {
     "cml": {},
+    "cml-adaptive-margin": {"adaptive_margin": 1.0},
+    "cml-popular-negatives": {"negative_popularity": 0.5},
+    "cml-tuned": {"tune_budget_seconds": 600.0},
 }
 
 
 def fit_cml(variant: str, split: datasets.Split, threads: int, seed: int) -> dict[str, Any]:
     options = {"num_threads": threads, "random_state": seed, **CML_VARIANTS[variant]}
-    model = cml_rs.CML(**options)
+    budget = options.pop("tune_budget_seconds", None)
+    validation = split.validation if split.validation.nnz else None
     start = time.perf_counter()
-    model.fit(split.train, validation=split.validation if split.validation.nnz else None, show_progress=False)
+    if budget is not None:
+        result = cml_rs.tune(split.train, validation, budget_seconds=budget, show_progress=False, **options)
+        model = result.model
+        options = {**result.params, "tune_budget_seconds": budget}
+        extra = {"trials": result.trials}
+    else:
+        model = cml_rs.CML(**options)
+        model.fit(split.train, validation=validation, show_progress=False)
+        extra = {}
     return {
         "model": model,
         "params": options,
         "fit_seconds": time.perf_counter() - start,
         "epochs": len(model.history_),
         "best_epoch": model.best_epoch_,
+        **extra,
     }
 
 
@@ -364,6 +394,24 @@ def report(metric: str = "recall@50", reference: str = "cml") -> str:
     return "\n".join(lines)
 
 
+OPTION_PROBES = {"adaptive_margin": [0.3, 1.0, 3.0], "negative_popularity": [0.25, 0.5, 1.0]}
+
+
+def probe_options(threads: int) -> None:
+    """Validation recall@50 of each option value on ml-100k (seed 0): how the option
+    variants' settings were picked, on validation only."""
+    split = load_split("ml-100k", 0)
+    base = cml_rs.CML(num_threads=threads, random_state=0)
+    base.fit(split.train, validation=split.validation, show_progress=False)
+    print(f"defaults: validation recall@50 {max(e.get('recall@50', 0) for e in base.history_):.4f}")
+    for name, values in OPTION_PROBES.items():
+        for value in values:
+            model = cml_rs.CML(num_threads=threads, random_state=0, **{name: value})
+            model.fit(split.train, validation=split.validation, show_progress=False)
+            best = max(e.get("recall@50", 0) for e in model.history_)
+            print(f"{name}={value}: validation recall@50 {best:.4f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["ml-100k"], choices=DATASETS)
@@ -374,11 +422,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="print the tables of what is stored and exit")
     parser.add_argument("--metric", default="recall@50")
+    parser.add_argument("--probe-options", action="store_true", help="pick the option variants' settings (ml-100k)")
     args = parser.parse_args()
+    if args.probe_options:
+        probe_options(args.threads)
+        return
     if args.report:
         print(f"{time.strftime('%Y-%m-%d')}; {machine()}\n")
         print(report(args.metric))
         return
+    require_extras(args.models)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
