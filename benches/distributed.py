@@ -183,7 +183,9 @@ def main() -> None:
         "**Projection**, 100M users x 10M items x 10B interactions, r = 100, AdaGrad, batch 2048, "
         "from the measured traffic per epoch scaled to that item table. Memory per rank: its users' "
         "vectors and sums, two item blocks (the one held and the one arriving), and its pairs "
-        "(12 B each: CSR id, pair user, epoch order). The last column is what an all_to_all of the "
+        "(12 B each: CSR id, pair user, epoch order); the exchange sends and receives tensor by tensor into "
+        "the buffers that become the next block, so two blocks are held at once. The last column is what an "
+        "all_to_all of the "
         "rows each batch needs would send per step instead.",
         table(
             [

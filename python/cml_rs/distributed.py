@@ -341,31 +341,30 @@ class _ShardedFit:
 
     def rotate(self, incoming: int, what: str) -> None:
         """Passes the held item block (vectors, optimiser state) to rank - 1 and takes
-        block ``incoming`` from rank + 1."""
+        block ``incoming`` from rank + 1. Tensor by tensor, received straight into the
+        buffers that become the new block: at most two blocks are held at once."""
         rank, n = self.world.rank, self.world.world_size
+        to, source, device = (rank - 1) % n, (rank + 1) % n, self.channel.device
         items = self.local.embedding_.items
         state = self.trainer.optimizer.state[items]
-        send = torch.cat([items.detach()] + [state[k] for k in self.rows_state], dim=1)
-        receive = torch.empty((len(self.block_items[incoming]), send.shape[1]), dtype=send.dtype, device=send.device)
-        scalars = [k for k in state if k not in self.rows_state]
-        send_scalars = torch.tensor([float(state[k]) for k in scalars], dtype=torch.float64, device=send.device)
-        receive_scalars = torch.empty_like(send_scalars)
-        device = self.channel.device
-        send, receive = send.to(device), receive.to(device)
-        self.channel.exchange(send, receive, (rank - 1) % n, (rank + 1) % n, f"the item exchange of {what}")
-        if len(scalars):
-            self.channel.exchange(
-                send_scalars.to(device), receive_scalars.to(device), (rank - 1) % n, (rank + 1) % n, what
-            )
-        receive = receive.to(items.device)
-        dim = items.shape[1]
+        rows = len(self.block_items[incoming])
+        received = []
+        for tensor in [items.detach()] + [state[k] for k in self.rows_state]:
+            buffer = torch.empty((rows, tensor.shape[1]), dtype=tensor.dtype, device=device)
+            self.channel.exchange(tensor.contiguous().to(device), buffer, to, source, f"the item exchange of {what}")
+            received.append(buffer.to(items.device))
+        scalars = [k for k in state if k not in self.rows_state]  # step counts
+        if scalars:
+            values = torch.tensor([float(state[k]) for k in scalars], dtype=torch.float64, device=device)
+            buffer = torch.empty_like(values)
+            self.channel.exchange(values, buffer, to, source, f"the item exchange of {what}")
+            for key, value in zip(scalars, buffer.cpu().tolist()):
+                old = state[key]
+                state[key] = torch.tensor(value, dtype=old.dtype) if isinstance(old, torch.Tensor) else type(old)(value)
         with torch.no_grad():
-            items.data = receive[:, :dim].clone()
-        for i, key in enumerate(self.rows_state):
-            state[key] = receive[:, dim * (i + 1) : dim * (i + 2)].clone()
-        for key, value in zip(scalars, receive_scalars.cpu().tolist()):
-            old = state[key]
-            state[key] = torch.tensor(value, dtype=old.dtype) if isinstance(old, torch.Tensor) else type(old)(value)
+            items.data = received[0]
+        for key, tensor in zip(self.rows_state, received[1:]):
+            state[key] = tensor
 
     # ------------------------------------------------------------------ gathering
 
