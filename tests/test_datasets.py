@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -194,6 +197,41 @@ def test_split_round_trip_and_damage(tmp_path):
         datasets.Split.load(truncated)
     with pytest.raises(FileNotFoundError, match=r"missing\.npz"):
         datasets.Split.load(tmp_path / "missing.npz")
+
+
+def test_split_keeps_confidence_weights_and_saves_them(tmp_path):
+    matrix = random_interactions(n_users=20, n_items=40, per_user=8, seed=0)
+    weighted = matrix.copy()
+    weighted.data = np.arange(1, weighted.nnz + 1, dtype=np.float32)
+    split, binary = datasets.split_paper(weighted, seed=3), datasets.split_paper(matrix, seed=3)
+    assert (split.train + split.validation + split.test != weighted).nnz == 0  # every value where it was
+    for name in ("train", "validation", "test"):  # the same entries go to each part, weights or not
+        assert (getattr(split, name).astype(bool) != getattr(binary, name).astype(bool)).nnz == 0
+    assert split.fingerprint() != binary.fingerprint()
+    path, binary_path = tmp_path / "weighted.npz", tmp_path / "binary.npz"
+    split.save(path)
+    binary.save(binary_path)
+    back = datasets.Split.load(path)
+    assert (back.train != split.train).nnz == 0 and back.fingerprint() == split.fingerprint()
+    assert not any(name.endswith("_data.npy") for name in zipfile.ZipFile(binary_path).namelist())
+    # A value that is not finite is damage, even under a recomputed fingerprint.
+    members = {n: zipfile.ZipFile(path).read(n) for n in zipfile.ZipFile(path).namelist()}
+    buffer = io.BytesIO()
+    np.save(buffer, np.full(split.train.nnz, np.nan, np.float32))
+    members["train_data.npy"] = buffer.getvalue()
+    damaged = tmp_path / "damaged.npz"
+    with zipfile.ZipFile(damaged, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    with pytest.raises(ValueError, match="not finite"):
+        datasets.Split.load(damaged)
+
+
+def test_split_drops_explicit_zeros():
+    matrix = random_interactions(n_users=10, n_items=40, per_user=6, seed=0)
+    matrix.data[::3] = 0.0  # stored, but not interactions
+    split = datasets.split_paper(matrix, seed=0)
+    assert split.train.nnz + split.validation.nnz + split.test.nnz == np.count_nonzero(matrix.data)
 
 
 def test_split_rejects_bad_input():

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 SPLIT_FORMAT = "cml-rs-split"
-SPLIT_VERSION = 1
+SPLIT_VERSION = 2  # 2: the parts' values (confidence weights) are kept when they are not all 1
 
 
 @dataclass
@@ -197,6 +197,11 @@ def _csr_from_rows(rows: list[list[int]], n_cols: int | None = None, path: Path 
     matrix.sum_duplicates()
     matrix.data[:] = 1.0
     return matrix
+
+
+def _is_binary(matrix: sp.csr_matrix) -> bool:
+    """Whether every stored value is 1 (an implicit-feedback matrix without weights)."""
+    return bool(np.all(matrix.data == 1))
 
 
 def _binary(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -830,6 +835,8 @@ class Split:
             digest.update(np.asarray(part.shape, np.int64).tobytes())
             digest.update(part.indptr.astype(np.int64).tobytes())
             digest.update(part.indices.astype(np.int64).tobytes())
+            if not _is_binary(part):  # binary parts hash as they did before values were kept
+                digest.update(part.data.astype(np.float32).tobytes())
         return digest.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
@@ -839,9 +846,12 @@ class Split:
             part = getattr(self, name).tocsr()
             arrays[f"{name}_indptr"] = part.indptr.astype(np.int64)
             arrays[f"{name}_indices"] = part.indices.astype(np.int32)
+            if not _is_binary(part):
+                arrays[f"{name}_data"] = part.data.astype(np.float32)
         meta = {
             "format": SPLIT_FORMAT,
-            "version": SPLIT_VERSION,
+            # A binary split is written as version 1, which older releases read too.
+            "version": SPLIT_VERSION if any(name.endswith("_data") for name in arrays) else 1,
             "shape": list(self.shape),
             "seed": self.seed,
             "note": self.note,
@@ -874,7 +884,14 @@ class Split:
                 indices = reader.array(f"{part}_indices", (nnz,), np.int32)
                 if nnz and (indices.min() < 0 or indices.max() >= shape[1]):
                     raise ValueError(f"{name}: the {part} part names items outside {shape}; the file is damaged")
-                parts.append(sp.csr_matrix((np.ones(nnz, np.float32), indices, indptr), shape=tuple(shape)))
+                values = np.ones(nnz, np.float32)
+                if reader.has(f"{part}_data"):
+                    values = reader.array(f"{part}_data", (nnz,), np.float32)
+                    if not np.all(np.isfinite(values)):
+                        raise ValueError(
+                            f"{name}: the {part} part holds values that are not finite; the file is damaged"
+                        )
+                parts.append(sp.csr_matrix((values, indices, indptr), shape=tuple(shape)))
         split = cls(*parts, seed=int(seed), note=note)
         if split.fingerprint() != fingerprint:
             raise ValueError(f"{name}: the split does not match its recorded fingerprint; the file is damaged")
@@ -969,10 +986,13 @@ def split_paper(
     Each user's items are shuffled with ``seed``; ``floor(0.2 n)`` go to
     validation, ``floor(0.2 n)`` to test, and the rest, rounding remainder
     included, to train. Users with fewer than ``min_items`` items go entirely
-    to train. Deterministic for a seed; O(nnz log nnz), vectorised.
+    to train. Deterministic for a seed; O(nnz log nnz), vectorised. The values
+    of ``user_items`` (play counts, ratings: confidence weights for ``CML``) are
+    kept in every part; explicitly stored zeros are not interactions.
     """
-    matrix = as_csr(user_items, "user_items").copy()
+    matrix = as_csr(user_items, "user_items").astype(np.float32)
     matrix.sum_duplicates()
+    matrix.eliminate_zeros()
     if matrix.nnz == 0:
         raise ValueError("user_items holds no interactions; there is nothing to split")
     if (
@@ -998,7 +1018,10 @@ def split_paper(
     part = np.where(position < n_train, 0, np.where(position < n_train + n_validation, 1, 2))
     coo = matrix.tocoo()
     # tocoo keeps CSR order, which `rows` and `position` follow.
-    pieces = [_binary(coo.row[part == p], coo.col[part == p], matrix.shape) for p in range(3)]
+    pieces = [
+        sp.csr_matrix((coo.data[part == p], (coo.row[part == p], coo.col[part == p])), shape=matrix.shape)
+        for p in range(3)
+    ]
     return Split(
         *pieces,
         seed=seed,
