@@ -154,14 +154,14 @@ def main() -> None:
     rows = []
     for name, ranks in records.items():
         seconds = float(np.median([s for s in ranks[0]["epoch_seconds"][1:] if s is not None]))
-        steps = ranks[0]["steps"] or 1
+        steps = ranks[0]["steps"] or ""  # a plain fit (1 rank) counts no exchange steps
         sent = [r["bytes_sent"] for r in ranks]
         rows.append(
             [
                 name,
                 f"{seconds:.2f}",
                 " / ".join(f"{b / 1e6:,.1f} MB" for b in sent),
-                " / ".join(f"{b / args.epochs / (r['steps'] or 1) / 1e3:,.1f} kB" for b, r in zip(sent, ranks)),
+                " / ".join(f"{b / r['steps'] / 1e3:,.1f} kB" if r["steps"] else "" for b, r in zip(sent, ranks)),
                 " / ".join(f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB" for r in ranks),
                 steps,
             ]

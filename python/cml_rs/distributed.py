@@ -67,6 +67,7 @@ from .training import (
     _callback_caller,
     _evaluation_users,
     _unflatten,
+    digest_matrices,
     restore,
     snapshot,
     torch_threads,
@@ -424,14 +425,7 @@ def _data_hash(train: sp.csr_matrix, validation: sp.csr_matrix | None) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for part in (train, validation):
-        if part is None:
-            digest.update(b"none")
-            continue
-        digest.update(np.asarray(part.shape, np.int64).tobytes())
-        digest.update(np.ascontiguousarray(part.indptr, dtype=np.int64).tobytes())
-        digest.update(np.ascontiguousarray(part.indices, dtype=np.int64).tobytes())
-        digest.update(np.ascontiguousarray(part.data, dtype=np.float32).tobytes())
+    digest_matrices(digest, (train, validation))
     return digest.hexdigest()[:16]
 
 

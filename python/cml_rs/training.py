@@ -347,14 +347,7 @@ class Trainer:
         """A hash of the training and validation data and the settings, so a checkpoint
         is only ever resumed by the fit it came from."""
         digest = hashlib.sha256()
-        for part in (self.train, self.validation, self.item_features, self.user_features):
-            if part is None:
-                digest.update(b"none")
-                continue
-            digest.update(np.asarray(part.shape, np.int64).tobytes())
-            digest.update(np.ascontiguousarray(part.indptr, dtype=np.int64).tobytes())
-            digest.update(np.ascontiguousarray(part.indices, dtype=np.int64).tobytes())
-            digest.update(np.ascontiguousarray(part.data, dtype=np.float32).tobytes())
+        digest_matrices(digest, (self.train, self.validation, self.item_features, self.user_features))
         settings = {k: v for k, v in self.model.hyperparameters().items() if k != "device"}
         digest.update(json.dumps(settings, sort_keys=True).encode())
         digest.update(self.identity.encode())
@@ -521,6 +514,19 @@ def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
             if not bool(torch.isfinite(values).all()):
                 return False
     return True
+
+
+def digest_matrices(digest: Any, matrices: Any) -> None:
+    """Feeds each CSR matrix (shape, structure and values), or a marker for None, into
+    ``digest``: the data part of checkpoint fingerprints and of the ranks' data check."""
+    for part in matrices:
+        if part is None:
+            digest.update(b"none")
+            continue
+        digest.update(np.asarray(part.shape, np.int64).tobytes())
+        digest.update(np.ascontiguousarray(part.indptr, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(part.indices, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(part.data, dtype=np.float32).tobytes())
 
 
 CHECKPOINT_FORMAT = "cml-rs-checkpoint"
