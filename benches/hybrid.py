@@ -50,7 +50,7 @@ from cml_rs import baselines, datasets, evaluation
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import OUT_DIR, machine, table
-from panel import BOUNDS, LightFMWarp, _beyond
+from panel import BOUNDS, LightFMWarp, _beyond, grid_search
 
 HYBRID_DIR = OUT_DIR / "hybrid"
 K = (50, 100)
@@ -112,43 +112,20 @@ LIGHTFM_GRID = {"learning_rate": [0.025, 0.05, 0.1], "item_alpha": [0.0, 1e-6]}
 
 def tune_lightfm(train: sp.csr_matrix, validation: sp.csr_matrix, features: Any, threads: int, seed: int) -> dict:
     """LightFM WARP with features: grid on validation recall@50, edges extended."""
-    tried: dict[str, dict] = {}
-    best: dict | None = None
-    grid = {k: list(v) for k, v in LIGHTFM_GRID.items()}
 
-    def evaluate(params: dict) -> None:
-        nonlocal best
-        key = json.dumps(params, sort_keys=True)
-        if key in tried:
-            return
+    def score(params: dict) -> tuple[float, dict]:
         start = time.perf_counter()
         model = LightFMWarp(
             no_components=100, seed=seed, threads=threads, validation=validation, item_features=features, **params
         ).fit(train)
         seconds = time.perf_counter() - start
         recall = evaluation.ranking_metrics_at_k(model, train, validation, K=50)["recall"]
-        tried[key] = {"params": params, "validation_recall@50": recall, "fit_seconds": seconds, "epochs": model.epochs_}
         print(f"    lightfm {params}: validation recall@50 {recall:.4f} ({model.epochs_} epochs, {seconds:.0f}s)")
-        if best is None or recall > best["validation"]:
-            best = {"params": params, "validation": recall, "model": model, "epochs": model.epochs_}
+        return recall, {"model": model, "fit_seconds": seconds, "epochs": model.epochs_}
 
-    import itertools
-
-    for values in itertools.product(*grid.values()):
-        evaluate(dict(zip(grid, values)))
-    for _ in range(4):
-        assert best is not None
-        moved = False
-        for name, values in grid.items():
-            value = _beyond(values, best["params"][name], name)
-            if value is not None and value not in values and BOUNDS[name][0] <= value <= BOUNDS[name][1]:
-                values.append(value)
-                evaluate({**best["params"], name: value})
-                moved = True
-        if not moved:
-            break
-    assert best is not None
-    return {**best, "trials": list(tried.values()), "grid": grid}
+    return grid_search(
+        LIGHTFM_GRID, score, rounds=4, allowed=lambda name, value: BOUNDS[name][0] <= value <= BOUNDS[name][1]
+    )
 
 
 # ---------------------------------------------------------------------- 1. features

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -230,9 +230,16 @@ def _beyond(values: list, best: Any, name: str) -> Any | None:
     return type(best)(round(value)) if isinstance(best, int) else value
 
 
-def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[str, Any]:
-    """Grid search on validation recall@50 with edge extension; the best model is kept."""
-    grid = {k: list(v) for k, v in GRIDS[family].items()}
+def grid_search(
+    grid: dict[str, list],
+    score: Callable[[dict[str, Any]], tuple[float, dict[str, Any]]],
+    rounds: int = 6,
+    allowed: Callable[[str, Any], bool] = lambda name, value: True,
+) -> dict[str, Any]:
+    """Every point of ``grid``; then, while the best value of a setting lies on the edge of
+    its grid, one step beyond that edge (at most ``rounds`` times). ``score(params)`` gives
+    the validation recall@50 and a record (model, seconds, ...) kept for the best point."""
+    grid = {k: list(v) for k, v in grid.items()}
     tried: dict[str, dict[str, Any]] = {}
     best: dict[str, Any] | None = None
 
@@ -241,23 +248,20 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[st
         key = json.dumps(params, sort_keys=True)
         if key in tried:
             return
-        start = time.perf_counter()
-        model = fit_baseline(family, split, params, threads, seed)
-        seconds = time.perf_counter() - start
-        valid = evaluation.ranking_metrics_at_k(model, split.train, split.validation, K=50)["recall"]
-        tried[key] = {"params": params, "validation_recall@50": valid, "fit_seconds": seconds}
-        print(f"    {family} {params}: validation recall@50 {valid:.4f} ({seconds:.1f}s)", flush=True)
-        if best is None or valid > best["validation"]:
-            best = {"params": params, "validation": valid, "model": model, "fit_seconds": seconds}
+        recall, record = score(params)
+        tried[key] = {"params": params, "validation_recall@50": recall}
+        tried[key].update((k, v) for k, v in record.items() if k != "model")
+        if best is None or recall > best["validation"]:
+            best = {"params": params, "validation": recall, **record}
 
     for values in itertools.product(*grid.values()):
         evaluate(dict(zip(grid, values)))
-    for _ in range(6):  # push edges outward until the best is inside every grid
+    for _ in range(rounds):  # push edges outward until the best is inside every grid
         assert best is not None
         moved = False
         for name, values in grid.items():
             value = _beyond(values, best["params"][name], name)
-            if value is not None and value not in values:
+            if value is not None and value not in values and allowed(name, value):
                 values.append(value)
                 evaluate({**best["params"], name: value})
                 moved = True
@@ -266,6 +270,20 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[st
     assert best is not None
     edges = [n for n, v in grid.items() if _beyond(v, best["params"][n], n) is not None]
     return {**best, "grid": grid, "trials": list(tried.values()), "still_on_edge": edges}
+
+
+def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[str, Any]:
+    """A baseline's grid search on validation recall@50 with edge extension; the best model is kept."""
+
+    def score(params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        start = time.perf_counter()
+        model = fit_baseline(family, split, params, threads, seed)
+        seconds = time.perf_counter() - start
+        valid = evaluation.ranking_metrics_at_k(model, split.train, split.validation, K=50)["recall"]
+        print(f"    {family} {params}: validation recall@50 {valid:.4f} ({seconds:.1f}s)", flush=True)
+        return valid, {"model": model, "fit_seconds": seconds}
+
+    return grid_search(GRIDS[family], score)
 
 
 # CML variants: the package defaults, options measured against them, and the
