@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -75,6 +77,19 @@ def test_the_budget_bounds_the_search(split):
     result = cml_rs.tune(split.train, split.validation, budget_seconds=0.5, show_progress=False, **SMALL)
     assert 1 <= len(result.trials) <= 3 and result.model.item_factors.shape == (300, 16)
     assert np.isfinite(result.model.item_factors).all()
+
+
+def test_time_left_goes_to_more_brackets(split):
+    # Left to the budget, the search does not stop after one bracket while half of
+    # the budget is unspent: later brackets draw fresh configurations of the same
+    # number, and the model returned is the best of them all.
+    result = cml_rs.tune(split.train, split.validation, budget_seconds=30, show_progress=False, **SMALL)
+    sizes = np.bincount([t["bracket"] for t in result.trials])
+    assert len(sizes) >= 2 and len(set(sizes)) == 1, sizes
+    assert len({json.dumps(t["params"], sort_keys=True) for t in result.trials}) == len(result.trials)
+    best = [t for t in result.trials if t["outcome"] == "best"]
+    assert len(best) == 1 and best[0]["recall"] == max(t["recall"] for t in result.trials)
+    assert result.seconds <= 30 * 1.2
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,11 @@ The settings that matter most on our panel (benches/RESULTS.md) are searched:
 the margin, the learning rate, the negatives per pair and the covariance
 weight. A seeded set of configurations (the package defaults among them)
 trains a few epochs each; the best third, by validation recall@``eval_k``,
-trains three times as long, and so on, until one remains, which then trains
-to early stopping with what is left of the budget. Each configuration keeps
-its optimiser state across rounds, so no work is redone.
+trains three times as long, and so on, until one remains. While half the
+budget is not spent, further brackets of fresh configurations follow; the
+best of all then trains to early stopping with what is left of the budget.
+Each configuration keeps its optimiser state across rounds, so no work is
+redone.
 
 Why not a tuning library such as optuna: this search has four dimensions and
 one fidelity (epochs), successive halving is a few dozen lines that repeat
@@ -110,10 +112,18 @@ def _draw(space: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
 class _Trial:
     """One configuration: a model and its trainer, trained a few epochs at a time."""
 
-    def __init__(self, params: dict[str, Any], base: dict[str, Any], train: sp.csr_matrix, validation: sp.csr_matrix):
+    def __init__(
+        self,
+        params: dict[str, Any],
+        base: dict[str, Any],
+        train: sp.csr_matrix,
+        validation: sp.csr_matrix,
+        bracket: int = 0,
+    ):
         from .model import CollaborativeMetricLearning
 
         self.params = params
+        self.bracket = bracket
         self.model = CollaborativeMetricLearning(**{**base, **params})
         self.model._build(*train.shape, None, None)
         self.trainer = Trainer(self.model, train, validation)
@@ -132,7 +142,34 @@ class _Trial:
         self.epochs = len(self.model.history_)
 
     def record(self, outcome: str) -> dict[str, Any]:
-        return {"params": self.params, "epochs": self.epochs, "recall": self.recall, "outcome": outcome}
+        return {
+            "params": self.params,
+            "epochs": self.epochs,
+            "recall": self.recall,
+            "outcome": outcome,
+            "bracket": self.bracket,
+        }
+
+
+def _halve(trials: list[_Trial], rung: int, start: float, budget: float, bar: Any, history: list) -> _Trial:
+    """One bracket of successive halving: every trial trains to the rung, the best third
+    goes on to a rung three times longer, until one is left or half the budget is
+    spent; the dropped trials are recorded in ``history``. Returns the bracket's best."""
+    alive = trials
+    while len(alive) > 1 and time.perf_counter() - start < 0.5 * budget:
+        for trial in alive:
+            if trial.epochs < rung:
+                trial.train(rung - trial.epochs)
+            bar.update(1)
+            bar.set_postfix(best=f"{max(t.recall for t in alive):.4f}")
+        alive.sort(key=lambda t: -t.recall)  # stable: ties keep the earlier (defaults first)
+        keep = max(1, len(alive) // ETA)
+        history.extend(trial.record("dropped") for trial in alive[keep:])
+        alive = alive[:keep]
+        rung *= ETA
+    alive.sort(key=lambda t: -t.recall)
+    history.extend(trial.record("dropped") for trial in alive[1:])
+    return alive[0]
 
 
 def tune(
@@ -158,10 +195,12 @@ def tune(
     seed : int
         Seed of the configurations drawn (and of every model).
     configurations : int, optional
-        How many configurations to start with (the package defaults are the
-        first). By default as many as the budget affords (3 to 81), measured
-        from the first epoch; fix it, with a budget that is not used up, and
-        the search repeats exactly for a seed.
+        How many configurations each bracket starts with (the package defaults
+        are the first of the first). By default as many as the budget affords
+        (3 to 81), measured from the first epochs, and brackets follow one
+        another while half the budget is left; fixed, there is one bracket
+        and, with a budget that is not used up, the search repeats exactly for
+        a seed.
     space : dict, optional
         Replaces ``SEARCH_SPACE``: name -> (low, high, "log" or "linear") or a list of choices.
     fixed : keyword arguments
@@ -200,6 +239,7 @@ def tune(
     rung = 2
     first.train(rung)
     epoch_seconds = max((time.perf_counter() - start) / rung, 1e-3)
+    repeat = configurations is None  # brackets follow one another until the budget's half is spent
     if configurations is None:
         # Successive halving with n configurations and rungs of r, 3r, 9r ... epochs
         # costs about n * r * (number of rungs) epochs; half the budget is kept
@@ -211,24 +251,27 @@ def tune(
     trials = [first] + [_Trial(_draw(space, rng), base, train, valid) for _ in range(configurations - 1)]
     history: list[dict[str, Any]] = []
     bar = tqdm(total=None, disable=not show_progress, unit="trial", desc=f"tune ({configurations} configurations)")
-    alive = trials
+    best: _Trial | None = None
+    bracket_start = start
     try:
-        while len(alive) > 1 and time.perf_counter() - start < 0.5 * budget:
-            for trial in alive:
-                if trial.epochs < rung:
-                    trial.train(rung - trial.epochs)
-                bar.update(1)
-                bar.set_postfix(best=f"{max(t.recall for t in alive):.4f}")
-            alive.sort(key=lambda t: -t.recall)  # stable: ties keep the earlier (defaults first)
-            keep = max(1, len(alive) // ETA)
-            history.extend(trial.record("dropped") for trial in alive[keep:])
-            alive = alive[:keep]
-            rung *= ETA
+        while True:
+            winner = _halve(trials, rung, start, budget, bar, history)
+            if best is None or winner.recall > best.recall:
+                best, winner = winner, best
+            if winner is not None:
+                history.append(winner.record("dropped"))
+            # The estimate above errs on the safe side (the first epochs pay for start-up),
+            # so time is often left: another bracket of fresh configurations, when one
+            # as long as the last still fits in the half of the budget kept for the search.
+            now = time.perf_counter()
+            if not repeat or (now - start) + (now - bracket_start) > 0.5 * budget:
+                break
+            bracket_start = now
+            bracket = trials[0].bracket + 1
+            trials = [_Trial(_draw(space, rng), base, train, valid, bracket) for _ in range(configurations)]
     finally:
         bar.close()
-    alive.sort(key=lambda t: -t.recall)
-    best = alive[0]
-    history.extend(trial.record("dropped") for trial in alive[1:])
+    assert best is not None
     # The winner trains on from its state to early stopping, within what is left
     # of the budget and the epochs a fit would be allowed.
     remaining = budget - (time.perf_counter() - start)
