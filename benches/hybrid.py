@@ -524,12 +524,12 @@ def report() -> str:
         ]
         p = paired(record["per_user"]["fold-in recall@50"], record["per_user"]["refit recall@50"])
         lines += [
-            f"\n**User fold-in**, citeulike-t ({key.rsplit('seed', 1)[1]}: seed), {record['users']} held-out users: "
+            f"\n**User fold-in**, citeulike-t (seed {key.rsplit('seed', 1)[1]}), {record['users']} held-out users: "
             f"fold-in reaches {test['fold-in recall@50'] / test['refit recall@50']:.1%} of the refit's recall@50 "
             f"(p {p}) in {fold_seconds / refit_seconds:.2%} of its time",
             table(["model", "recall@50", "recall@100", "seconds (all held-out users)"], rows),
         ]
-    return "\n".join(lines)
+    return "\n\n".join(line.strip("\n") for line in lines)
 
 
 def main() -> None:
