@@ -116,12 +116,31 @@ class CMLEmbedding(torch.nn.Module):
             return warp_metric_loss(*self.distances(users, positives, negatives), margin, n_items, False, rank_weighted)
         u = self.user_rows(users)
         pos_dist = (u - self.item_rows(positives)).pow(2).sum(-1)
-        with torch.no_grad():
-            neg_dist = (u.unsqueeze(1) - self.items[negatives]).pow(2).sum(-1)
-        weights, hardest = _rank_weights(pos_dist.detach(), neg_dist, margin, n_items)
+        weights, hardest = self.hardest_negatives(u.detach(), negatives, pos_dist.detach(), margin, n_items)
         chosen = negatives.gather(1, hardest.to(negatives.device).unsqueeze(1)).squeeze(1)
         hardest_dist = (u - self.item_rows(chosen)).pow(2).sum(-1)
         return _weighted_sum(torch.relu(margin + pos_dist - hardest_dist), weights, rank_weighted)
+
+    def hardest_negatives(
+        self, u: Tensor, negatives: Tensor, pos_dist: Tensor, margin: float, n_items: int
+    ) -> tuple[Tensor, Tensor]:
+        """WARP weights (B,) and the index of each row's hardest negative (B,), without
+        autograd. On the CPU the native kernel reads the negatives' rows by id, so
+        their (B, U, dim) differences are never materialised."""
+        if u.device.type == "cpu" and u.dtype == torch.float32 and self.items.dtype == torch.float32:
+            weights, hardest = _native.rank_weights_by_id(
+                np.ascontiguousarray(u.numpy()),
+                np.ascontiguousarray(self.items.detach().numpy()),
+                np.ascontiguousarray(negatives.numpy(), dtype=np.int64),
+                np.ascontiguousarray(pos_dist.numpy()),
+                float(margin),
+                int(n_items),
+                torch.get_num_threads(),
+            )
+            return torch.from_numpy(weights), torch.from_numpy(hardest)
+        with torch.no_grad():
+            neg_dist = (u.unsqueeze(1) - self.items[negatives]).pow(2).sum(-1)
+        return _rank_weights(pos_dist, neg_dist, margin, n_items)
 
     def all_vectors(self) -> Tensor:
         """Users and items stacked, the rows the covariance term is taken over."""

@@ -27,17 +27,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from . import _native
 from ._io import NpzReader, meta_int, open_npz, save_npz
 from .evaluation import ranking_metrics_at_k
 from .nn import (
+    CMLEmbedding,
     clip_rows,
     covariance_loss,
     feature_loss,
-    rank_weights_torch,
     torch_sparse,
     torch_sparse_rows,
-    warp_metric_loss,
 )
 from .sampling import WarpSampler
 
@@ -169,23 +167,10 @@ class Trainer:
             if isinstance(margin, torch.Tensor):
                 # An impostor is within margin_u + d(u, i): fold the pair's margin into d.
                 pos_dist, margin = pos_dist + margin.detach(), 0.0
-            if model.device.type == "cpu":
-                weights, hardest = _native.rank_weights_by_id(
-                    u.numpy(),
-                    embedding.items.detach().numpy(),
-                    negatives,
-                    pos_dist.numpy(),
-                    margin,
-                    self.catalogue_size,
-                    model.num_threads,
-                )
-                weights = torch.from_numpy(weights)
-            else:
-                neg = embedding.items[torch.from_numpy(negatives).to(model.device)]
-                weights, hardest = rank_weights_torch(
-                    pos_dist, (u.unsqueeze(1) - neg).pow(2).sum(-1), margin, self.catalogue_size
-                )
-                hardest = hardest.cpu().numpy()
+            weights, hardest = embedding.hardest_negatives(
+                u, torch.from_numpy(negatives).to(model.device), pos_dist, margin, self.catalogue_size
+            )
+            hardest = hardest.cpu().numpy()
         targets = negatives[np.arange(len(negatives)), hardest] if model.hardest_only else negatives
         return weights.to(model.device), targets
 
@@ -656,15 +641,18 @@ def fold_in(
         seed=model.random_state,
         num_threads=model.num_threads,
     )
+    # The rows being learned play the users' part and the frozen other side the
+    # items' (the loss is symmetric), so the cheap WARP path serves both sides.
+    pair = CMLEmbedding.from_vectors(vectors, others, model.max_norm)
+    pair.items.requires_grad_(False)
+    vectors = pair.users
     optimizer = torch.optim.Adagrad([vectors], lr=model.learning_rate, initial_accumulator_value=0.0)
-    n_others = others.shape[0]
     for _ in range(epochs):
         for rows, positives, negatives in sampler:
             rows, positives, negatives = (torch.from_numpy(a).to(others.device) for a in (rows, positives, negatives))
-            anchors = torch.nn.functional.embedding(rows, vectors)
-            pos_dist = (anchors - others[positives]).pow(2).sum(-1)
-            neg_dist = (anchors.unsqueeze(1) - others[negatives]).pow(2).sum(-1)
-            loss = warp_metric_loss(pos_dist, neg_dist, model.margin, n_others, model.hardest_only, model.rank_weighted)
+            loss = pair.warp_loss(
+                rows, positives, negatives, model.margin, others.shape[0], model.hardest_only, model.rank_weighted
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
