@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 import cml_rs
-from cml_rs import datasets, evaluation
+from cml_rs import datasets, evaluation, training
 from cml_rs.model import CollaborativeMetricLearning
 
 
@@ -245,8 +245,6 @@ def test_fit_errors_name_the_problem(fitted):
 def test_divergence_stops_before_the_bad_step_and_names_the_remedy(monkeypatch):
     # The hyper-parameter bounds keep a fit finite, so the fault is injected:
     # the loss of the first step of the second epoch turns NaN.
-    from cml_rs import training
-
     matrix = checkerboard(20, 20)
     calls = []
     original = training.Trainer.loss
@@ -265,6 +263,27 @@ def test_divergence_stops_before_the_bad_step_and_names_the_remedy(monkeypatch):
         model.fit(matrix, show_progress=False)
     # The bad step was never applied: the model holds the vectors after epoch 0.
     np.testing.assert_array_equal(model.item_factors, reference.item_factors)
+
+
+def test_gradient_check_finds_any_non_finite_value_and_only_those():
+    dense = torch.nn.Parameter(torch.zeros(3, 4))
+    table = torch.nn.Parameter(torch.zeros(5, 2))
+    optimizer = torch.optim.Adagrad([dense, table])
+
+    def gradients(dense_grad, sparse_values):
+        dense.grad = dense_grad
+        table.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), sparse_values, (5, 2), check_invariants=True)
+        return training._finite_gradients(optimizer)
+
+    finite_sparse = torch.ones(2, 2)
+    assert gradients(torch.ones(3, 4), finite_sparse)
+    # Finite values whose sum overflows float32 are still finite.
+    assert gradients(torch.full((3, 4), 3e38), finite_sparse)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = torch.full((3, 4), 3e38)
+        poisoned[2, 1] = bad
+        assert not gradients(poisoned, finite_sparse)
+        assert not gradients(torch.ones(3, 4), torch.tensor([[1.0, 1.0], [bad, 1.0]]))
 
 
 def test_recommend_errors(fitted):

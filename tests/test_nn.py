@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from cml_rs import nn
@@ -76,11 +77,21 @@ def test_clip_keeps_rows_in_the_ball():
 def test_feature_projector_takes_sparse_input_and_stays_in_the_ball():
     dense = torch.rand(6, 9, generator=torch.Generator().manual_seed(3))
     dense[dense < 0.6] = 0
-    projector = nn.FeatureProjector(9, 4).eval()
+    dense[-1] = 0  # a last row without features: an empty bag
+    projector = nn.FeatureProjector(9, 4, dropout=0.0)
     out_dense = projector(dense)
-    out_sparse = projector(dense.to_sparse())
-    torch.testing.assert_close(out_dense, out_sparse, rtol=1e-5, atol=1e-6)
+    out_dense.pow(2).sum().backward()
+    want = [p.grad.clone() for p in projector.parameters()]
+    for sparse in (dense.to_sparse(), sp.csr_matrix(dense.numpy())):
+        projector.zero_grad()
+        out_sparse = projector(sparse)
+        torch.testing.assert_close(out_dense, out_sparse, rtol=1e-5, atol=1e-6)
+        out_sparse.pow(2).sum().backward()
+        for got, expected in zip((p.grad for p in projector.parameters()), want):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert float(out_dense.detach().norm(dim=1).max()) <= 1.0 + 1e-6
+    # The first layer keeps its (hidden, features) shape, stored feature-major.
+    assert projector.hidden.weight.shape == (256, 9) and projector.hidden.weight.T.is_contiguous()
 
 
 def test_feature_loss_by_hand():

@@ -67,8 +67,10 @@ def _is_file(target: Any) -> bool:
 
 def save_npz(target: PathOrFile, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Writes ``arrays`` and ``meta`` (as the ``meta`` member) to a path, atomically, or to
-    an open binary file (at its current position)."""
-    members = {**arrays, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    an open binary file (at its current position). Arrays are written in C order, the
+    only order the reader accepts (a tensor stored transposed comes out Fortran-ordered)."""
+    members = {name: np.asarray(array, order="C") for name, array in arrays.items()}
+    members["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     if _is_file(target):
         np.savez(target, **members)
         return

@@ -26,7 +26,7 @@ from ._checks import as_csr, as_ids, check_ids_below, check_int, require_csr
 from ._io import NpzReader, PathOrFile, meta_int, open_npz, save_npz
 from ._params import HYPERPARAMETERS, check_hyperparameters
 from .features import FeatureLayout, prepare
-from .nn import CMLEmbedding, FeatureProjector, torch_sparse
+from .nn import CMLEmbedding, FeatureProjector
 from .retrieval import Backend, build_index, top_n
 from .training import Callback, Trainer, fold_in, torch_threads
 
@@ -370,7 +370,7 @@ class CollaborativeMetricLearning:
         with torch.no_grad():
             for start in range(0, features.shape[0], 65536):
                 block = features[start : start + 65536]
-                vectors[start : start + block.shape[0]] = network(torch_sparse(block))
+                vectors[start : start + block.shape[0]] = network(block)
         network.train()
         return network.to(self.device)
 
@@ -390,7 +390,7 @@ class CollaborativeMetricLearning:
         network.eval()
         try:
             with torch.no_grad(), torch_threads(self.num_threads):
-                return network(torch_sparse(features).to(self.device)).cpu().numpy()
+                return network(features).cpu().numpy()
         finally:
             network.train()
 

@@ -23,6 +23,7 @@ import math
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import Tensor
 
@@ -259,16 +260,34 @@ class FeatureProjector(torch.nn.Module):
     def __init__(self, n_features: int, dim: int, hidden: int = 256, dropout: float = 0.5, max_norm: float = 1.0):
         super().__init__()
         self.hidden = torch.nn.Linear(n_features, hidden)
+        # The first layer's weight keeps its (hidden, F) shape (saved models) but is
+        # stored feature-major, so a sparse batch reads one contiguous row per
+        # feature it holds (an embedding bag) instead of a strided column.
+        self.hidden.weight = torch.nn.Parameter(self.hidden.weight.detach().T.contiguous().T)
         self.output = torch.nn.Linear(hidden, dim)
         self.dropout = torch.nn.Dropout(dropout)
         self.max_norm = float(max_norm)
 
-    def forward(self, features: Tensor) -> Tensor:
-        """``features`` dense (n, F) or a torch sparse CSR/COO tensor."""
-        if features.is_sparse or features.layout == torch.sparse_csr:
-            hidden = torch.sparse.mm(features, self.hidden.weight.T) + self.hidden.bias
-        else:
-            hidden = self.hidden(features)
+    def forward(self, features: Any) -> Tensor:
+        """``features``: a scipy sparse matrix (n, F), a dense tensor, or a torch sparse tensor."""
+        if isinstance(features, Tensor) and not (features.is_sparse or features.layout == torch.sparse_csr):
+            return self._top(self.hidden(features))
+        if isinstance(features, Tensor):  # torch sparse: to scipy CSR on the host
+            coo = features.to_sparse_coo().coalesce().cpu()
+            rows, columns = coo.indices().numpy()
+            features = sp.csr_matrix((coo.values().numpy(), (rows, columns)), shape=tuple(coo.shape))
+        csr = sp.csr_matrix(features)
+        device = self.hidden.weight.device
+        hidden = torch.nn.functional.embedding_bag(
+            torch.from_numpy(csr.indices.astype(np.int64)).to(device),
+            self.hidden.weight.T,
+            torch.from_numpy(csr.indptr[:-1].astype(np.int64)).to(device),
+            mode="sum",
+            per_sample_weights=torch.from_numpy(csr.data.astype(np.float32)).to(device),
+        )
+        return self._top(hidden + self.hidden.bias)
+
+    def _top(self, hidden: Tensor) -> Tensor:
         return clip_rows(self.output(self.dropout(torch.relu(hidden))), self.max_norm)
 
 
