@@ -2,6 +2,7 @@
 
     python benches/hybrid.py feature-defaults           # CML+F's settings on citeulike-t's validation split
     python benches/hybrid.py features --seeds 0 1 2     # CML+F vs LightFM+features (citeulike-t), CML+F vs CML
+    python benches/hybrid.py features --seeds 1 2 --lightfm-from 0   # LightFM's settings from seed 0's validation
     python benches/hybrid.py user-features --seeds 0 1 2   # ml-100k: recall by user activity
     python benches/hybrid.py cold-items --seeds 0 1 2   # item cold start on citeulike-t
     python benches/hybrid.py fold-in --seeds 0          # new users: fold-in vs refit vs ALS recalculate_user
@@ -110,8 +111,16 @@ def _row_normalised(block: sp.csr_matrix) -> sp.csr_matrix:
 LIGHTFM_GRID = {"learning_rate": [0.025, 0.05, 0.1], "item_alpha": [0.0, 1e-6]}
 
 
-def tune_lightfm(train: sp.csr_matrix, validation: sp.csr_matrix, features: Any, threads: int, seed: int) -> dict:
-    """LightFM WARP with features: grid on validation recall@50, edges extended."""
+def tune_lightfm(
+    train: sp.csr_matrix,
+    validation: sp.csr_matrix,
+    features: Any,
+    threads: int,
+    seed: int,
+    grid: dict[str, list] | None = None,
+) -> dict:
+    """LightFM WARP with features: ``grid`` (default LIGHTFM_GRID) on validation recall@50,
+    edges extended; a grid of one point fits just that point (epochs still chosen on validation)."""
 
     def score(params: dict) -> tuple[float, dict]:
         start = time.perf_counter()
@@ -124,7 +133,7 @@ def tune_lightfm(train: sp.csr_matrix, validation: sp.csr_matrix, features: Any,
         return recall, {"model": model, "fit_seconds": seconds, "epochs": model.epochs_}
 
     return grid_search(
-        LIGHTFM_GRID, score, rounds=4, allowed=lambda name, value: BOUNDS[name][0] <= value <= BOUNDS[name][1]
+        grid or LIGHTFM_GRID, score, rounds=4, allowed=lambda name, value: BOUNDS[name][0] <= value <= BOUNDS[name][1]
     )
 
 
@@ -134,7 +143,9 @@ def tune_lightfm(train: sp.csr_matrix, validation: sp.csr_matrix, features: Any,
 FEATURE_SETS = {"citeulike-t": ["tags", "words"], "ml-1m-implicit": ["genres"], "ml-latest-small": ["genres", "tags"]}
 
 
-def run_features(seeds: list[int], threads: int, names: list[str]) -> None:
+def run_features(seeds: list[int], threads: int, names: list[str], lightfm_from: int | None = None) -> None:
+    """``lightfm_from``: LightFM's learning rate and item_alpha are those chosen on that
+    seed's validation split (its stored record) instead of a grid search per seed."""
     for name in names:
         data = datasets.load(name)
         blocks = {b: data.item_features[b] for b in FEATURE_SETS[name]}
@@ -160,9 +171,16 @@ def run_features(seeds: list[int], threads: int, names: list[str]) -> None:
             key = f"features__{name}__seed{seed}__lightfm+f"
             if name == "citeulike-t" and not stored(key):
                 features = lightfm_features(blocks, None, data.n_items)
-                result = tune_lightfm(split.train, split.validation, features, threads, seed)
+                grid = None
+                if lightfm_from is not None and lightfm_from != seed:
+                    tuned = stored(f"features__{name}__seed{lightfm_from}__lightfm+f")
+                    if tuned is None:
+                        raise SystemExit(f"--lightfm-from {lightfm_from}: that seed has no stored LightFM fit")
+                    grid = {k: [v] for k, v in tuned["params"].items()}
+                result = tune_lightfm(split.train, split.validation, features, threads, seed, grid)
                 summary, per_user = scored(result["model"], split.train, split.test, exclude=split.validation)
                 record = {"test": summary, "params": result["params"], "epochs": result["epochs"]}
+                record["params_from_seed"] = seed if grid is None else lightfm_from
                 record["trials"] = result["trials"]
                 store(key, record, per_user)
 
@@ -451,6 +469,15 @@ def report() -> str:
             f"\n**{name}**, features {FEATURE_SETS[name]}",
             table(["model", "test recall@50", "CML+F vs it", "test recall@100", "CML+F vs it"], rows),
         ]
+        lightfm = {k: records[k] for k in sorted(records) if k.startswith(prefix) and k.endswith("__lightfm+f")}
+        if lightfm:
+            origins = []
+            for key, record in lightfm.items():
+                seed = int(key.split("__seed")[1].split("__")[0])
+                origin = record.get("params_from_seed", seed)
+                how = "grid on its validation" if origin == seed else f"the settings chosen on seed {origin}'s"
+                origins.append(f"seed {seed}: {record['params']}, {record['epochs']} epochs ({how})")
+            lines.append("LightFM+F's settings: " + "; ".join(origins) + ".")
     # user features by activity bucket
     keys = sorted(k for k in records if k.startswith("user-features__"))
     if keys:
@@ -540,6 +567,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=list(FEATURE_SETS), choices=list(FEATURE_SETS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--lightfm-from",
+        type=int,
+        default=None,
+        help="features: reuse LightFM's settings chosen on this seed's validation split for the other seeds",
+    )
     args = parser.parse_args()
     if args.part == "report":
         print(report())
@@ -553,7 +586,7 @@ def main() -> None:
     if args.part == "feature-defaults":
         run_feature_defaults(args.threads)
     elif args.part == "features":
-        run_features(args.seeds, args.threads, args.datasets)
+        run_features(args.seeds, args.threads, args.datasets, args.lightfm_from)
     elif args.part == "user-features":
         run_user_features(args.seeds, args.threads)
     elif args.part == "cold-items":
