@@ -185,14 +185,21 @@ def run_features(seeds: list[int], threads: int, names: list[str], lightfm_from:
                 store(key, record, per_user)
 
 
-FEATURE_GRID = {"lambda_f": [0.3, 1.0, 3.0]}
+# The settings searched one after another (each at the best of those before it), each
+# grid extended past an edge within its bounds; the package defaults are the middle points.
+FEATURE_GRID = {
+    "lambda_f": ([0.3, 1.0, 3.0], (0.0, 100.0)),
+    "feature_dropout": ([0.2, 0.5, 0.8], (0.0, 0.9)),
+    "feature_hidden": ([128, 256, 512], (16, 2048)),
+}
 TIE_BELOW = [0, 2, 5]
 
 
 def run_feature_defaults(threads: int) -> None:
-    """CML+F's settings on citeulike-t's validation split (seed 0): lambda_f over a grid
-    extended past its edges, then, for the best, the blocks (tags alone) and the
-    rare-item tie (applied after the fit, so one fit serves every threshold)."""
+    """CML+F's settings on citeulike-t's validation split (seed 0): lambda_f, then dropout,
+    then the hidden width (coordinate search, grids extended past their edges); then, for
+    the best, the blocks (tags alone) and the rare-item tie (applied after the fit, so one
+    fit serves every threshold)."""
     import copy
 
     from cml_rs.features import prepare
@@ -201,7 +208,8 @@ def run_feature_defaults(threads: int) -> None:
     split = datasets.split_paper(data.user_items, seed=0)
     all_blocks = {b: data.item_features[b] for b in FEATURE_SETS["citeulike-t"]}
 
-    def trial(name: str, blocks: dict, **options: Any) -> float:
+    def trial(options: dict[str, Any], blocks: dict, suffix: str = "") -> float:
+        name = ", ".join(f"{k}={v}" for k, v in options.items()) + suffix
         key = f"feature-defaults__{name}"
         record = stored(key)
         if record is None:
@@ -224,16 +232,19 @@ def run_feature_defaults(threads: int) -> None:
             print(f"    {name}: validation recall@50 {validation}", flush=True)
         return max(record["validation"].values())
 
-    grid = list(FEATURE_GRID["lambda_f"])
-    scores = {value: trial(f"lambda_f={value}", all_blocks, lambda_f=value) for value in grid}
-    for _ in range(3):  # extend past an edge
-        best = max(scores, key=scores.get)
-        value = _beyond(sorted(scores), best, "regularization")
-        if value is None or value in scores:
-            break
-        scores[value] = trial(f"lambda_f={value}", all_blocks, lambda_f=value)
-    best = max(scores, key=scores.get)
-    trial(f"lambda_f={best}, tags only", {"tags": all_blocks["tags"]}, lambda_f=best)
+    best = {name: values[len(values) // 2] for name, (values, _) in FEATURE_GRID.items()}
+    for name, (values, (low, high)) in FEATURE_GRID.items():
+        scores = {value: trial({**best, name: value}, all_blocks) for value in values}
+        for _ in range(3):  # extend past an edge, within the setting's bounds
+            value = _beyond(sorted(scores), max(scores, key=scores.get), name)
+            if value is None:
+                break
+            value = type(value)(min(max(value, low), high))
+            if value in scores:
+                break
+            scores[value] = trial({**best, name: value}, all_blocks)
+        best[name] = max(scores, key=scores.get)
+    trial(best, {"tags": all_blocks["tags"]}, ", tags only")
 
 
 # ---------------------------------------------------------------------- 2. user features
