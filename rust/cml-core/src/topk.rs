@@ -226,12 +226,7 @@ pub fn topk_l2_with(
     queries.check_values("queries")?;
     items.check_values("items")?;
     let k = k.min(n_items);
-    let mut ids = alloc::filled(
-        alloc::product(n_queries, k, "the result")?,
-        -1i64,
-        "the result's ids",
-    )?;
-    let mut sqdist = alloc::filled(ids.len(), f32::INFINITY, "the result's distances")?;
+    let mut result = Neighbours::padded(n_queries, k)?;
     let plan = plan(n_queries, n_items, queries.dim, kernel.nr, num_threads);
     let n_tasks = plan.n_chunks * plan.splits;
     let partial = parallel::map_tasks(num_threads, plan.serial, n_tasks, |task| {
@@ -241,8 +236,11 @@ pub fn topk_l2_with(
         scan(kernel, queries, query_range, items, item_range, k, filter)
     });
 
-    let mut rows: Vec<(&mut [i64], &mut [f32])> =
-        ids.chunks_mut(k).zip(sqdist.chunks_mut(k)).collect();
+    let mut rows: Vec<(&mut [i64], &mut [f32])> = result
+        .ids
+        .chunks_mut(k)
+        .zip(result.sqdist.chunks_mut(k))
+        .collect();
     parallel::for_each_chunk_mut(
         num_threads,
         plan.serial,
@@ -272,7 +270,7 @@ pub fn topk_l2_with(
         },
     );
     drop(rows);
-    Ok(Neighbours { k, ids, sqdist })
+    Ok(result)
 }
 
 /// All squared distances, row-major `n_queries x n_items` (the batched distance

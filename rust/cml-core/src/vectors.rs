@@ -4,6 +4,7 @@
 //! These sit below every module that searches (the exact kernels and LSH), so
 //! those modules depend on this one and never on each other's internals.
 
+use crate::alloc;
 use crate::error::{CoreError, Result};
 use std::cmp::Ordering;
 
@@ -165,6 +166,20 @@ pub struct Neighbours {
     pub k: usize,
     pub ids: Vec<i64>,
     pub sqdist: Vec<f32>,
+}
+
+impl Neighbours {
+    /// `n_queries` rows of `k` padding entries (id -1, distance inf) for a search to
+    /// fill: a row with fewer than `k` candidates keeps its padding at the end.
+    pub fn padded(n_queries: usize, k: usize) -> Result<Self> {
+        let ids = alloc::filled(
+            alloc::product(n_queries, k, "the result")?,
+            -1i64,
+            "the result's ids",
+        )?;
+        let sqdist = alloc::filled(ids.len(), f32::INFINITY, "the result's distances")?;
+        Ok(Self { k, ids, sqdist })
+    }
 }
 
 #[cfg(test)]

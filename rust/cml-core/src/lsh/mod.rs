@@ -395,12 +395,7 @@ impl LshIndex {
         filter.check(queries.len(), None)?;
         queries.check_values("queries")?;
         let (n_queries, k) = (queries.len(), k.min(self.len()));
-        let mut ids = alloc::filled(
-            alloc::product(n_queries, k, "the result")?,
-            -1i64,
-            "the result's ids",
-        )?;
-        let mut sqdist = alloc::filled(ids.len(), f32::INFINITY, "the result's distances")?;
+        let mut result = Neighbours::padded(n_queries, k)?;
         let serial = n_queries < 8;
         let chunks = parallel::map_tasks(
             num_threads,
@@ -419,11 +414,11 @@ impl LshIndex {
         );
         for (q, found) in chunks.into_iter().flatten().enumerate() {
             for (slot, (d, id)) in found.into_iter().enumerate() {
-                ids[q * k + slot] = id;
-                sqdist[q * k + slot] = d;
+                result.ids[q * k + slot] = id;
+                result.sqdist[q * k + slot] = d;
             }
         }
-        Ok(Neighbours { k, ids, sqdist })
+        Ok(result)
     }
 
     #[allow(clippy::too_many_arguments)]
