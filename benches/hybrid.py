@@ -4,7 +4,7 @@
     python benches/hybrid.py features --seeds 0 1 2     # CML+F vs LightFM+features (citeulike-t), CML+F vs CML
     python benches/hybrid.py features --seeds 1 2 --lightfm-from 0   # LightFM's settings from seed 0's validation
     python benches/hybrid.py user-features --seeds 0 1 2   # ml-100k: recall by user activity
-    python benches/hybrid.py cold-items --seeds 0 1 2   # item cold start on citeulike-t
+    python benches/hybrid.py cold-items --seeds 0 1 2   # item cold start on citeulike-t (--lightfm-from as above)
     python benches/hybrid.py fold-in --seeds 0          # new users: fold-in vs refit vs ALS recalculate_user
     python benches/hybrid.py report                     # the tables, from what is stored
 
@@ -140,6 +140,17 @@ def tune_lightfm(
 # ---------------------------------------------------------------------- 1. features
 
 
+def reused_lightfm_grid(prefix: str, seed: int, lightfm_from: int | None) -> dict[str, list] | None:
+    """The one-point grid of LightFM's settings chosen on seed ``lightfm_from`` (its stored
+    record ``{prefix}__seed{lightfm_from}__lightfm+f``), or None: search the grid on ``seed``."""
+    if lightfm_from is None or lightfm_from == seed:
+        return None
+    tuned = stored(f"{prefix}__seed{lightfm_from}__lightfm+f")
+    if tuned is None:
+        raise SystemExit(f"--lightfm-from {lightfm_from}: that seed has no stored LightFM fit ({prefix})")
+    return {k: [v] for k, v in tuned["params"].items()}
+
+
 FEATURE_SETS = {"citeulike-t": ["tags", "words"], "ml-1m-implicit": ["genres"], "ml-latest-small": ["genres", "tags"]}
 
 
@@ -171,12 +182,7 @@ def run_features(seeds: list[int], threads: int, names: list[str], lightfm_from:
             key = f"features__{name}__seed{seed}__lightfm+f"
             if name == "citeulike-t" and not stored(key):
                 features = lightfm_features(blocks, None, data.n_items)
-                grid = None
-                if lightfm_from is not None and lightfm_from != seed:
-                    tuned = stored(f"features__{name}__seed{lightfm_from}__lightfm+f")
-                    if tuned is None:
-                        raise SystemExit(f"--lightfm-from {lightfm_from}: that seed has no stored LightFM fit")
-                    grid = {k: [v] for k, v in tuned["params"].items()}
+                grid = reused_lightfm_grid(f"features__{name}", seed, lightfm_from)
                 result = tune_lightfm(split.train, split.validation, features, threads, seed, grid)
                 summary, per_user = scored(result["model"], split.train, split.test, exclude=split.validation)
                 record = {"test": summary, "params": result["params"], "epochs": result["epochs"]}
@@ -285,7 +291,7 @@ def feature_popularity(train: sp.csr_matrix, warm: np.ndarray, cold: np.ndarray,
     return features[cold] @ per_feature
 
 
-def run_cold_items(seeds: list[int], threads: int) -> None:
+def run_cold_items(seeds: list[int], threads: int, lightfm_from: int | None = None) -> None:
     data = datasets.load("citeulike-t")
     blocks = {b: data.item_features[b] for b in FEATURE_SETS["citeulike-t"]}
     for seed in seeds:
@@ -314,7 +320,8 @@ def run_cold_items(seeds: list[int], threads: int) -> None:
         key = f"cold__citeulike-t__seed{seed}__lightfm+f"
         if not stored(key):
             warm_features = lightfm_features({b: m[warm] for b, m in blocks.items()}, None, len(warm))
-            result = tune_lightfm(inner.train, inner.validation, warm_features, threads, seed)
+            grid = reused_lightfm_grid("cold__citeulike-t", seed, lightfm_from)
+            result = tune_lightfm(inner.train, inner.validation, warm_features, threads, seed, grid)
             cold_features = lightfm_features({b: m[cold] for b, m in blocks.items()}, np.array([], int), len(warm))
             biases, vectors = result["model"].item_representations(cold_features)
             lightfm = result["model"].model
@@ -327,6 +334,7 @@ def run_cold_items(seeds: list[int], threads: int) -> None:
                 items=cold,
             )
             record = {"test": summary, "params": result["params"], "epochs": result["epochs"]}
+            record["params_from_seed"] = seed if grid is None else lightfm_from
             store(key, {**record, "trials": result["trials"]}, per_user)
 
         key = f"cold__citeulike-t__seed{seed}__feature-popularity"
@@ -432,6 +440,18 @@ def paired(a: np.ndarray, b: np.ndarray) -> str:
     return f"{stats.wilcoxon(a, b).pvalue:.2g}" if np.any(a != b) else "1"
 
 
+def lightfm_settings(records: dict[str, dict], prefix: str) -> list[str]:
+    """A line saying, per seed, LightFM's settings and where they were chosen."""
+    origins = []
+    for key in sorted(k for k in records if k.startswith(prefix) and k.endswith("__lightfm+f")):
+        record = records[key]
+        seed = int(key.split("__seed")[1].split("__")[0])
+        origin = record.get("params_from_seed", seed)
+        how = "grid on its validation" if origin == seed else f"the settings chosen on seed {origin}'s"
+        origins.append(f"seed {seed}: {record['params']}, {record['epochs']} epochs ({how})")
+    return ["LightFM+F's settings: " + "; ".join(origins) + "."] if origins else []
+
+
 def report() -> str:
     lines = [f"{time.strftime('%Y-%m-%d')}; {machine()}"]
     records = {p.stem: stored(p.stem) for p in sorted(HYBRID_DIR.glob("*.json"))}
@@ -480,15 +500,7 @@ def report() -> str:
             f"\n**{name}**, features {FEATURE_SETS[name]}",
             table(["model", "test recall@50", "CML+F vs it", "test recall@100", "CML+F vs it"], rows),
         ]
-        lightfm = {k: records[k] for k in sorted(records) if k.startswith(prefix) and k.endswith("__lightfm+f")}
-        if lightfm:
-            origins = []
-            for key, record in lightfm.items():
-                seed = int(key.split("__seed")[1].split("__")[0])
-                origin = record.get("params_from_seed", seed)
-                how = "grid on its validation" if origin == seed else f"the settings chosen on seed {origin}'s"
-                origins.append(f"seed {seed}: {record['params']}, {record['epochs']} epochs ({how})")
-            lines.append("LightFM+F's settings: " + "; ".join(origins) + ".")
+        lines += lightfm_settings(records, prefix)
     # user features by activity bucket
     keys = sorted(k for k in records if k.startswith("user-features__"))
     if keys:
@@ -533,6 +545,7 @@ def report() -> str:
         lines += [
             "\n**Item cold start**, citeulike-t (tags + words), 20% of items held out",
             table(["model", "recall@50 among cold items", "CML+F vs it", "recall@100", "CML+F vs it"], rows),
+            *lightfm_settings(records, "cold__citeulike-t__"),
         ]
     keys = sorted(k for k in records if k.startswith("fold-in__"))
     if keys:
@@ -578,7 +591,7 @@ def main() -> None:
         "--lightfm-from",
         type=int,
         default=None,
-        help="features: reuse LightFM's settings chosen on this seed's validation split for the other seeds",
+        help="features, cold-items: reuse LightFM's settings chosen on this seed's validation split for the others",
     )
     args = parser.parse_args()
     if args.part == "report":
@@ -597,7 +610,7 @@ def main() -> None:
     elif args.part == "user-features":
         run_user_features(args.seeds, args.threads)
     elif args.part == "cold-items":
-        run_cold_items(args.seeds, args.threads)
+        run_cold_items(args.seeds, args.threads, args.lightfm_from)
     else:
         run_fold_in(args.seeds, args.threads)
 
