@@ -440,6 +440,14 @@ def paired(a: np.ndarray, b: np.ndarray) -> str:
     return f"{stats.wilcoxon(a, b).pvalue:.2g}" if np.any(a != b) else "1"
 
 
+def versus(reference: np.ndarray, values: np.ndarray) -> str:
+    """CML+F's per-user metric against another model's: relative difference and paired p
+    (blank while the two do not yet cover the same seeds)."""
+    if len(reference) != len(values):
+        return ""
+    return f"{(reference.mean() / values.mean() - 1) * 100:+.1f}%, p {paired(reference, values)}"
+
+
 def lightfm_settings(records: dict[str, dict], prefix: str) -> list[str]:
     """A line saying, per seed, LightFM's settings and where they were chosen."""
     origins = []
@@ -485,16 +493,8 @@ def report() -> str:
             for metric in ("recall@50", "recall@100"):
                 means, values = pooled(prefix, variant, metric)
                 row.append(f"{np.mean(means):.4f} ± {np.std(means):.4f} ({len(means)} seeds)")
-                if variant != "cml+f":
-                    _, reference = pooled(prefix, "cml+f", metric)
-                    if len(reference) == len(values):
-                        row.append(
-                            f"{(reference.mean() / values.mean() - 1) * 100:+.1f}%, p {paired(reference, values)}"
-                        )
-                    else:
-                        row.append("")
-                else:
-                    row.append("")
+                _, reference = pooled(prefix, "cml+f", metric)
+                row.append("" if variant == "cml+f" else versus(reference, values))
             rows.append(row)
         lines += [
             f"\n**{name}**, features {FEATURE_SETS[name]}",
@@ -536,11 +536,7 @@ def report() -> str:
                     continue
                 _, reference = pooled("cold__citeulike-t__", "cml+f", metric)
                 row.append(f"{np.mean(means):.4f} ± {np.std(means):.4f} ({len(means)} seeds)")
-                row.append(
-                    ""
-                    if variant == "cml+f"
-                    else f"{(reference.mean() / values.mean() - 1) * 100:+.1f}%, p {paired(reference, values)}"
-                )
+                row.append("" if variant == "cml+f" else versus(reference, values))
             rows.append(row)
         lines += [
             "\n**Item cold start**, citeulike-t (tags + words), 20% of items held out",
