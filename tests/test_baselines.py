@@ -38,6 +38,17 @@ def test_ease_matches_its_closed_form():
     np.testing.assert_allclose(scores, np.sort(want[x[0] == 0])[::-1], rtol=1e-4)
 
 
+def test_ease_on_a_torch_device_matches_lapack():
+    train = sp.random(50, 40, density=0.2, random_state=3, format="csr", dtype=np.float32)
+    lapack = baselines.EASE(regularization=5.0).fit(train)
+    on_torch = baselines.EASE(regularization=5.0, device="cpu").fit(train)
+    np.testing.assert_allclose(on_torch.item_weights_.numpy(), lapack.item_weights_, rtol=1e-4, atol=1e-5)
+    users = np.arange(50)
+    np.testing.assert_allclose(on_torch.scores(users, train), lapack.scores(users, train), rtol=1e-4, atol=1e-5)
+    ids, _ = on_torch.recommend(users, train, N=5)
+    np.testing.assert_array_equal(ids, lapack.recommend(users, train, N=5)[0])
+
+
 def test_rp3beta_matches_the_random_walk_by_hand():
     model = baselines.RP3beta(alpha=1.0, beta=0.5, top_k=4, normalize=False).fit(MATRIX)
     x = MATRIX.toarray().astype(np.float64)
@@ -83,6 +94,7 @@ def test_baselines_plug_into_ranking_metrics():
     ("make", "message"),
     [
         (lambda: baselines.EASE(regularization=0), "regularization must be > 0"),
+        (lambda: baselines.EASE(device="gpu0"), "device must name a torch device"),
         (lambda: baselines.RP3beta(top_k=0), "top_k must be at least 1"),
         (lambda: baselines.Popularity().fit(sp.csr_matrix((3, 3))), "holds no interactions"),
         (lambda: baselines.Popularity().recommend(0, MATRIX[0]), "not fitted"),

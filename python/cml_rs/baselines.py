@@ -6,7 +6,8 @@ them next to CML on a user's own data:
 - :class:`Popularity`: every user gets the most popular items they have not seen.
 - :class:`EASE` (Steck, WWW 2019): a closed-form item-item model,
   ``B = I - P / diag(P)`` with ``P = (X^T X + lambda I)^-1``; scores ``X B``.
-  Dense in the number of items (4 n_items^2 bytes, O(n_items^3) time).
+  Dense in the number of items (4 n_items^2 bytes, O(n_items^3) time); with
+  ``device="cuda"`` torch does the inverse and the scoring on the GPU.
 - :class:`RP3beta` (Paudel et al., 2017): item-item random-walk probabilities
   ``P_iu^alpha P_ui^alpha``, divided by the target item's popularity^beta,
   keeping each item's ``top_k`` neighbours; scores ``X W``.
@@ -144,16 +145,30 @@ class EASE(ScoringRecommender):
     regularization : float
         lambda added to the Gram matrix's diagonal (Steck: a few hundred on
         MovieLens-sized data; tune it on validation).
+    device : str or torch.device, optional
+        Where torch inverts the Gram matrix and scores (e.g. ``"cuda"``: seconds
+        instead of minutes at 40k items). None: numpy and LAPACK on the CPU.
     """
 
-    def __init__(self, regularization: float = 500.0) -> None:
+    def __init__(self, regularization: float = 500.0, device: Any = None) -> None:
         super().__init__()
         self.regularization = check_float(regularization, "regularization", minimum=0.0, strict=True)
+        if device is not None:
+            import torch
+
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+        self.device = device
 
     def fit(self, user_items: Any, show_progress: bool = False) -> EASE:
         import scipy.linalg
 
         matrix = self._fit_matrix(user_items)
+        if self.device is not None:
+            self.item_weights_ = self._fit_torch(matrix)
+            return self
         # float32 and in place: the items x items matrix is the whole cost (6.7 GB
         # and a few minutes at 41k items).
         gram = np.asfortranarray((matrix.T @ matrix).toarray(), dtype=np.float32)
@@ -172,8 +187,29 @@ class EASE(ScoringRecommender):
         self.item_weights_ = np.ascontiguousarray(precision)
         return self
 
+    def _fit_torch(self, matrix: sp.csr_matrix) -> Any:
+        """The same closed form on ``self.device``: the weights stay there as a float32 tensor."""
+        import torch
+
+        gram = torch.from_numpy((matrix.T @ matrix).toarray()).to(self.device)
+        gram.diagonal().add_(self.regularization)
+        factor, info = torch.linalg.cholesky_ex(gram)
+        del gram
+        if int(info) != 0:
+            raise np.linalg.LinAlgError(f"EASE: the Gram matrix could not be inverted (Cholesky info {int(info)})")
+        precision = torch.cholesky_inverse(factor)
+        del factor
+        precision /= -precision.diagonal().clone()[None, :]
+        precision.diagonal().zero_()
+        return precision
+
     def scores(self, userids: np.ndarray, user_rows: sp.csr_matrix) -> np.ndarray:
-        return np.asarray(user_rows @ self.item_weights_)
+        if self.device is None:
+            return np.asarray(user_rows @ self.item_weights_)
+        import torch
+
+        rows = torch.from_numpy(user_rows.toarray()).to(self.device)
+        return (rows @ self.item_weights_).cpu().numpy()
 
 
 class RP3beta(ScoringRecommender):
