@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 import cml_rs
-from cml_rs import datasets, evaluation
+from cml_rs import datasets, evaluation, training
 
 SPACE = {"learning_rate": [1e-5, 0.1], "margin": [0.5, 1.0]}
 SMALL = dict(factors=16, batch_size=256, eval_every=1, patience=3, epochs=30)
@@ -90,6 +91,38 @@ def test_time_left_goes_to_more_brackets(split):
     best = [t for t in result.trials if t["outcome"] == "best"]
     assert len(best) == 1 and best[0]["recall"] == max(t["recall"] for t in result.trials)
     assert result.seconds <= 30 * 1.2
+
+
+def _recall_stalled(model, patience: int) -> bool:
+    recalls = [h[f"recall@{model.eval_k}"] for h in model.history_ if f"recall@{model.eval_k}" in h]
+    return len(recalls) - 1 - int(np.argmax(recalls)) >= patience
+
+
+def test_the_winner_trains_to_early_stopping(result):
+    best = next(t for t in result.trials if t["outcome"] == "best")
+    assert len(result.model.history_) == best["epochs"]
+    assert best["epochs"] == SMALL["epochs"] or _recall_stalled(result.model, SMALL["patience"])
+
+
+def test_a_slow_first_epoch_does_not_cut_the_winner_short(split, monkeypatch):
+    # A GPU's start-up makes the very first epoch slow. Charged to every epoch,
+    # it would leave the winner a few epochs; measured over all trials, the
+    # winner still trains to early stopping (or the epoch cap) within the budget.
+    run_epoch, calls = training.Trainer.run_epoch, []
+
+    def slow_first_epoch(self, epoch):
+        if not calls:
+            time.sleep(3.0)
+        calls.append(epoch)
+        return run_epoch(self, epoch)
+
+    monkeypatch.setattr(training.Trainer, "run_epoch", slow_first_epoch)
+    # Stopping takes 8 checks past the best: more epochs than a rate of 1.5 s affords.
+    options = {**SMALL, "patience": 8, "num_threads": 1}
+    result = cml_rs.tune(split.train, split.validation, budget_seconds=15, show_progress=False, **options)
+    best = next(t for t in result.trials if t["outcome"] == "best")
+    assert best["epochs"] == options["epochs"] or _recall_stalled(result.model, options["patience"]), best
+    assert result.seconds <= 15 * 1.2
 
 
 @pytest.mark.parametrize(

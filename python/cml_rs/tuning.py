@@ -33,7 +33,7 @@ import scipy.sparse as sp
 
 from ._checks import as_csr, check_float, check_int
 from ._params import check_hyperparameters, defaults
-from .training import Trainer, torch_threads
+from .training import Trainer, restore, torch_threads
 
 __all__ = ["SEARCH_SPACE", "TuneResult", "tune"]
 
@@ -46,6 +46,9 @@ SEARCH_SPACE: dict[str, Any] = {
 }
 #: Each round keeps this share of the configurations (and trains it ETA times longer).
 ETA = 3
+#: The winner's last training runs this many validation checks at a time, so the
+#: budget is checked against the measured cost of an epoch between them.
+CHECKS_PER_CHUNK = 5
 
 
 @dataclass
@@ -128,18 +131,31 @@ class _Trial:
         self.model._build(*train.shape, None, None)
         self.trainer = Trainer(self.model, train, validation)
         self.epochs = 0
+        self.seconds = 0.0  # wall time spent training (evaluations included)
 
     @property
     def recall(self) -> float:
         """The best validation recall this configuration has reached so far."""
         return self.trainer.best_recall
 
-    def train(self, epochs: int, last: bool = False) -> None:
-        """Trains up to ``epochs`` more epochs (fewer if it stops early); ``last`` keeps the best weights."""
+    @property
+    def stopped(self) -> bool:
+        """Whether validation recall has stalled for ``patience`` checks (early stopping)."""
+        return self.trainer.stale >= self.model.patience
+
+    def train(self, epochs: int) -> None:
+        """Trains up to ``epochs`` more epochs (fewer if it stops early), keeping the latest weights."""
+        start = time.perf_counter()
         self.model.epochs = self.epochs + epochs
         with torch_threads(self.model.num_threads):
-            self.trainer.run(show_progress=False, callback=None, first_epoch=self.epochs, restore_best=last)
+            self.trainer.run(show_progress=False, callback=None, first_epoch=self.epochs, restore_best=False)
         self.epochs = len(self.model.history_)
+        self.seconds += time.perf_counter() - start
+
+    def keep_best(self) -> None:
+        """Puts back the weights of the best validation recall."""
+        if self.trainer.best_state is not None:
+            restore(self.model, self.trainer.best_state)
 
     def record(self, outcome: str) -> dict[str, Any]:
         return {
@@ -249,6 +265,7 @@ def tune(
         while configurations > 3 and configurations * rung * (1 + math.log(configurations, ETA)) > affordable:
             configurations //= ETA
     trials = [first] + [_Trial(_draw(space, rng), base, train, valid) for _ in range(configurations - 1)]
+    everyone = list(trials)
     history: list[dict[str, Any]] = []
     bar = tqdm(total=None, disable=not show_progress, unit="trial", desc=f"tune ({configurations} configurations)")
     best: _Trial | None = None
@@ -269,14 +286,24 @@ def tune(
             bracket_start = now
             bracket = trials[0].bracket + 1
             trials = [_Trial(_draw(space, rng), base, train, valid, bracket) for _ in range(configurations)]
+            everyone += trials
     finally:
         bar.close()
     assert best is not None
     # The winner trains on from its state to early stopping, within what is left
-    # of the budget and the epochs a fit would be allowed.
-    remaining = budget - (time.perf_counter() - start)
-    more = min(max(1, int(0.8 * remaining / epoch_seconds)), max(1, final_epochs - best.epochs))
-    best.train(more, last=True)
+    # of the budget and the epochs a fit would be allowed. The cost of an epoch
+    # is measured over every trial so far (start-up, such as a GPU's, is spread
+    # over all their epochs rather than charged to the first rung) and again
+    # after each chunk of a few validation checks.
+    check = best.model.eval_every
+    while best.epochs < final_epochs and not best.stopped:
+        epoch_seconds = sum(t.seconds for t in everyone) / max(1, sum(t.epochs for t in everyone))
+        affordable = int(0.9 * (budget - (time.perf_counter() - start)) / max(epoch_seconds, 1e-6))
+        chunk = min(final_epochs - best.epochs, check * min(CHECKS_PER_CHUNK, affordable // check))
+        if chunk < 1:
+            break
+        best.train(chunk)
+    best.keep_best()
     best.model.epochs = final_epochs
     history.append(best.record("best"))
     params = {**base, **best.params}
