@@ -63,6 +63,15 @@ def test_rp3beta_matches_the_random_walk_by_hand():
     np.testing.assert_allclose(pruned.sum(axis=1)[item_degree > 0], 1.0, rtol=1e-6)
 
 
+def test_ties_at_the_cut_go_to_the_lower_item():
+    # Row 0 has no tie at the cut of 2; row 1 has three items tied for places 2 and 3.
+    scores = np.array([[1, 3, 3, 0, 0], [5, 4, 4, 2, 4]], np.float32)
+    assert baselines._best_columns(scores, 2).tolist() == [[1, 2], [0, 1]]
+    assert baselines._best_columns(scores, 3).tolist() == [[1, 2, 0], [0, 1, 2]]
+    scores[1, 0] = -np.inf  # an excluded item ranks last
+    assert baselines._best_columns(scores, 5).tolist()[1] == [1, 2, 4, 3, 0]
+
+
 def test_items_filter_items_and_width():
     model = baselines.Popularity().fit(MATRIX)
     ids, _ = model.recommend([0, 1], MATRIX[[0, 1]], N=10, items=[3, 2])

@@ -51,7 +51,8 @@ class ScoringRecommender:
         return matrix
 
     def scores(self, userids: np.ndarray, user_rows: sp.csr_matrix) -> np.ndarray:
-        """Dense (len(userids), n_items) scores of users, given their ids and interaction rows."""
+        """Dense (len(userids), n_items) scores of users, given their ids and interaction rows: a
+        fresh array, which ``recommend`` writes into."""
         raise NotImplementedError
 
     def fit(self, user_items: Any, show_progress: bool = False) -> ScoringRecommender:
@@ -95,9 +96,10 @@ class ScoringRecommender:
         for start in range(0, len(users), BLOCK):
             block = rows[start : start + BLOCK]
             block_scores = self.scores(users[start : start + BLOCK], sp.csr_matrix(block, dtype=np.float32))
-            block_scores = np.asarray(block_scores[:, candidates], dtype=np.float32)
+            every_item = len(candidates) == self.n_items  # then candidates is arange(n_items)
+            block_scores = np.asarray(block_scores if every_item else block_scores[:, candidates], dtype=np.float32)
             if filter_already_liked_items:
-                seen = block[:, candidates].tocoo()
+                seen = (block if every_item else block[:, candidates]).tocoo()
                 block_scores[seen.row, seen.col] = -np.inf
             top = _best_columns(block_scores, width)
             ids[start : start + BLOCK] = candidates[top]
@@ -114,10 +116,15 @@ def _best_columns(scores: np.ndarray, width: int) -> np.ndarray:
         return np.zeros((n_rows, 0), np.int64)
     if width < n_cols:
         kth = -np.partition(-scores, width - 1, axis=1)[:, width - 1 : width]
-        better = scores > kth
-        equal = scores == kth
-        need = width - better.sum(axis=1, keepdims=True)
-        chosen = better | (equal & (np.cumsum(equal, axis=1) <= need))
+        chosen = scores >= kth
+        # Rows with exactly ``width`` such columns are done; rows where the
+        # ``width``-th score is tied keep the tied columns of lowest index.
+        tied = np.flatnonzero(chosen.sum(axis=1) > width)
+        if len(tied):
+            better = scores[tied] > kth[tied]
+            equal = chosen[tied] & ~better
+            need = width - better.sum(axis=1, keepdims=True)
+            chosen[tied] = better | (equal & (np.cumsum(equal, axis=1) <= need))
         top = np.nonzero(chosen)[1].reshape(n_rows, width)
     else:
         top = np.broadcast_to(np.arange(n_cols), scores.shape)
