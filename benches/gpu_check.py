@@ -1,10 +1,11 @@
-"""GPU checks, in one run (issue 2 section 3, issue 3 sections 3 and 7): the
+"""GPU checks, in one run (issue 2 section 3, issue 3 sections 3 and 7, issue 9): the
 torch rank weights on CUDA agree with the native kernel; the cheap WARP loss
-equals the reference formulation on CUDA; CML+F's feature network gives the CPU's
-output and gradients on CUDA; CML (and CML+F) trains on citeulike-t on the GPU
-(AdaGrad and Adam) next to a short CPU run for scale; an epoch of the 10M-pair
-synthetic set is timed (issue 13); and the package defaults
-are run on ml-1m-implicit (paper split) and gowalla (its shipped split).
+equals the reference formulation on CUDA; CML+F's feature network and EASE give
+the CPU's results on CUDA; CML (and CML+F) trains on citeulike-t on the GPU next
+to a short CPU run for scale; an epoch of the 10M-pair synthetic set is timed
+(issue 13); and Gowalla is compared with the literature (issue 9): EASE and CML,
+each tuned on the shipped validation part by recall@20, refit on train +
+validation (the published training set) and scored once on test.
 Results are written after every step, so a run cut short still reports.
 
 Run (on the GPU machine): python benches/gpu_check.py --data DIR --out DIR
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +23,10 @@ import numpy as np
 import torch
 
 import cml_rs
-from cml_rs import datasets, evaluation, nn
+from cml_rs import baselines, datasets, evaluation, nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from panel import grid_search
 
 
 def check_rank_weights(device: torch.device) -> dict:
@@ -74,6 +79,94 @@ def check_feature_projector(device: torch.device) -> dict:
         "max_output_difference": float((out_device.detach().cpu() - out_cpu.detach()).abs().max()),
         "max_first_layer_gradient_difference": float(gradient_difference.abs().max()),
     }
+
+
+def check_ease(device: torch.device) -> dict:
+    """EASE's torch path on the device against LAPACK on the CPU."""
+    import scipy.sparse as sp
+
+    matrix = sp.random(3000, 2000, density=0.01, format="csr", random_state=0, dtype=np.float32)
+    lapack = baselines.EASE(100.0).fit(matrix)
+    moved = baselines.EASE(100.0, device=device).fit(matrix)
+    users = np.arange(3000)
+    lapack_ids = lapack.recommend(users, matrix, N=20)[0]
+    moved_ids = moved.recommend(users, matrix, N=20)[0]
+    return {
+        "max_weight_difference": float(np.abs(moved.item_weights_.cpu().numpy() - lapack.item_weights_).max()),
+        "top20_agreement": float((moved_ids == lapack_ids).mean()),
+    }
+
+
+def test_metrics(model, train, test, cutoffs=(20, 50)) -> dict:
+    """Test recall and NDCG at each cutoff, ``train`` excluded."""
+    metrics = {}
+    for k in cutoffs:
+        result = evaluation.ranking_metrics_at_k(model, train, test, K=k)
+        metrics[f"recall@{k}"], metrics[f"ndcg@{k}"] = result["recall"], result["ndcg"]
+    return metrics
+
+
+def gowalla_against_literature(folder: Path, device: str, tune_budget: float, record) -> None:
+    """Issue 9's Gowalla target (published Recall@20: CML 0.1670, EASE 0.1765, BARS):
+    each model's settings are chosen on the shipped validation part (recall@20),
+    then it is refit on train + validation, the published training set, and
+    scored once on the published test set."""
+    split = datasets.load_gowalla(folder).given_split
+    full_train = (split.train + split.validation).tocsr()
+    full_train.data[:] = 1.0
+
+    def ease_score(params: dict) -> tuple[float, dict]:
+        start = time.perf_counter()
+        model = baselines.EASE(device=device, **params).fit(split.train)
+        seconds = time.perf_counter() - start
+        recall = evaluation.ranking_metrics_at_k(model, split.train, split.validation, K=20)["recall"]
+        print(f"  EASE {params}: validation recall@20 {recall:.4f} ({seconds:.1f} s)", flush=True)
+        return recall, {"fit_seconds": seconds}
+
+    start = time.perf_counter()
+    search = grid_search({"regularization": [100.0, 300.0, 1000.0, 3000.0]}, ease_score)
+    ease = baselines.EASE(device=device, **search["params"]).fit(full_train)
+    record(
+        {
+            "dataset": "gowalla (train + validation -> test)",
+            "model": "ease",
+            "device": device,
+            "params": search["params"],
+            "validation_recall@20": search["validation"],
+            "trials": search["trials"],
+            "still_on_edge": search["still_on_edge"],
+            "seconds": time.perf_counter() - start,
+            "test": test_metrics(ease, full_train, split.test),
+        }
+    )
+    del ease
+
+    start = time.perf_counter()
+    fixed = {"device": device, "batch_size": 8192, "eval_k": 20}
+    result = cml_rs.tune(split.train, split.validation, budget_seconds=tune_budget, show_progress=False, **fixed)
+    tuned_seconds = time.perf_counter() - start
+    settings = {k: v for k, v in result.params.items() if k != "num_threads"}
+    epochs = result.model.best_epoch_ + 1
+    on_train = test_metrics(result.model, full_train, split.test)
+    start = time.perf_counter()
+    refit = cml_rs.CML(**{**settings, "epochs": epochs})
+    refit.fit(full_train, show_progress=False)
+    record(
+        {
+            "dataset": "gowalla (train + validation -> test)",
+            "model": "cml (tune)",
+            "device": device,
+            "params": settings,
+            "tune_budget_seconds": tune_budget,
+            "tune_seconds": tuned_seconds,
+            "validation_recall@20": result.trials[-1]["recall"],
+            "trials": result.trials,
+            "refit_epochs": epochs,
+            "refit_seconds": time.perf_counter() - start,
+            "test_trained_on_train_only": on_train,
+            "test": test_metrics(refit, full_train, split.test),
+        }
+    )
 
 
 def train(split, device: str, name: str = "citeulike-t", item_features=None, **options) -> dict:
@@ -129,6 +222,7 @@ def main() -> None:
     parser.add_argument("--cpu-epochs", type=int, default=4, help="epochs of the CPU reference run")
     parser.add_argument("--device", default="cuda", help="cpu for a local smoke run of this script")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap every GPU run (smoke runs)")
+    parser.add_argument("--tune-budget", type=float, default=150.0, help="seconds of cml_rs.tune on Gowalla")
     args = parser.parse_args()
     out = Path(args.out)
     device = torch.device(args.device)
@@ -140,31 +234,30 @@ def main() -> None:
         "rank_weights": check_rank_weights(device),
         "warp_loss": check_warp_loss(device),
         "feature_projector": check_feature_projector(device),
+        "ease": check_ease(device),
     }
     print(json.dumps(report, indent=1), flush=True)
     report["training"] = []
 
     def record(run: dict) -> None:
         report["training"].append(run)
-        print(json.dumps({k: v for k, v in run.items() if k != "validation_curve"}), flush=True)
+        print(json.dumps({k: v for k, v in run.items() if k not in ("validation_curve", "trials")}), flush=True)
         (out / "gpu_results.json").write_text(json.dumps(report, indent=1))
 
     (out / "gpu_results.json").write_text(json.dumps(report, indent=1))
     data_dir = Path(args.data)
+    # Most wanted first, so a run cut short keeps them: Gowalla against the
+    # literature (not finished on 2026-11-27: the H100 run ran out of time in
+    # EASE's refit), then the speed targets (a citeulike-t fit under 10 s, a
+    # synthetic epoch under 5 s), measured that day at 26 s and 33 s.
+    if (data_dir / "gowalla").is_dir():
+        gowalla_against_literature(data_dir / "gowalla", args.device, args.tune_budget, record)
     citeulike_data = datasets.load_citeulike(data_dir / "citeulike-t")
     citeulike = datasets.split_paper(citeulike_data.user_items, seed=0)
     record(train(citeulike, args.device, **caps))
-    record(train(citeulike, args.device, name="citeulike-t, CML+F", item_features=citeulike_data.item_features, **caps))
-    record(train(citeulike, args.device, optimizer="adam", learning_rate=0.002, **caps))
-    record(train(citeulike, "cpu", epochs=args.cpu_epochs, num_threads=16))
     record(synthetic_epoch(args.device))
-    if (data_dir / "ml-1m-implicit").is_dir():
-        ml1m = datasets.load_movielens_1m_implicit(data_dir / "ml-1m-implicit")
-        ml1m_split = datasets.split_paper(ml1m.user_items, seed=0)
-        record(train(ml1m_split, args.device, name="ml-1m-implicit (paper split)", **caps))
-    if (data_dir / "gowalla").is_dir():
-        gowalla = datasets.load_gowalla(data_dir / "gowalla")
-        record(train(gowalla.given_split, args.device, name="gowalla (shipped split)", batch_size=8192, **caps))
+    record(train(citeulike, args.device, name="citeulike-t, CML+F", item_features=citeulike_data.item_features, **caps))
+    record(train(citeulike, "cpu", epochs=args.cpu_epochs, num_threads=16))
 
 
 if __name__ == "__main__":
