@@ -338,7 +338,16 @@ def run_job(dataset: str, seed: int, model: str, split: datasets.Split, threads:
         print(f"  {model}: done already", flush=True)
         return
     print(f"  {model} ...", flush=True)
-    result = fit_cml(model, split, threads, seed) if model in CML_VARIANTS else tune(model, split, threads, seed)
+    if model in CML_VARIANTS:
+        result = fit_cml(model, split, threads, seed)
+    elif model.startswith("dpcml-"):  # the prototype of several vectors per user: dpcml-C[-dcrsW]
+        from dpcml import fit_dpcml
+
+        vectors, *rest = model.removeprefix("dpcml-").split("-dcrs")
+        options = {"dcrs_weight": float(rest[0])} if rest else {}
+        result = fit_dpcml(int(vectors), split.train, split.validation, threads, seed, **options)
+    else:
+        result = tune(model, split, threads, seed)
     if model == "lightfm":
         result["params"] = {**result["params"], "epochs (on validation)": result["model"].epochs_}
     exclude = split.validation if split.validation.nnz else None
