@@ -305,7 +305,8 @@ def command_compare(args: argparse.Namespace) -> int:
     rows = [("CML", cml, f"{setting}; {len(cml.history_)} epochs")]
     rows.append(("popularity", baselines.Popularity().fit(split.train), ""))
     if dataset.n_items <= args.ease_max_items:
-        rows.append(tuned("EASE", lambda lam: baselines.EASE(lam), [50.0, 200.0, 800.0, 3200.0]))
+        ease_device = None if args.device == "cpu" else args.device  # torch on a GPU; LAPACK on the CPU
+        rows.append(tuned("EASE", lambda lam: baselines.EASE(lam, device=ease_device), [50.0, 200.0, 800.0, 3200.0]))
     else:
         print(f"EASE skipped: {dataset.n_items} items exceed --ease-max-items {args.ease_max_items}")
     rows.append(tuned("RP3beta", lambda b: baselines.RP3beta(alpha=1.0, beta=b, top_k=200), [0.0, 0.3, 0.6]))
