@@ -165,6 +165,10 @@ def fit_baseline(family: str, split: datasets.Split, params: dict[str, Any], thr
         return baselines.RP3beta(**params).fit(train)
     if family == "lightfm":
         return LightFMWarp(**params, seed=seed, threads=threads, validation=split.validation).fit(train)
+    if family == "sfcml":  # the prototype of the sampling-free loss, tuned like a baseline
+        from sfcml import SamplingFreeCML
+
+        return SamplingFreeCML(**params, seed=seed, threads=threads, validation=split.validation).fit(train)
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, "blas"):  # implicit's own threads do the work
@@ -194,9 +198,12 @@ GRIDS: dict[str, dict[str, list]] = {
     },
     # Epochs: chosen on validation inside each fit (see LightFMWarp).
     "lightfm": {"no_components": [100], "learning_rate": [0.02, 0.05, 0.1], "item_alpha": [0.0, 1e-6]},
+    # Epochs: chosen on validation inside each fit (see benches/sfcml.py).
+    "sfcml": {"margin": [0.5, 1.0, 2.0], "learning_rate": [0.02, 0.1, 0.5]},
 }
 BOUNDS: dict[str, tuple[float, float]] = {
     "regularization": (1e-6, 1e6),
+    "margin": (1e-3, 4.0),  # SFCML: score differences of unit vectors lie in [-4, 4]
     "alpha": (0.0, 1e4),
     "beta": (0.0, 2.0),
     "top_k": (5, 2000),
@@ -348,7 +355,7 @@ def run_job(dataset: str, seed: int, model: str, split: datasets.Split, threads:
         result = fit_dpcml(int(vectors), split.train, split.validation, threads, seed, **options)
     else:
         result = tune(model, split, threads, seed)
-    if model == "lightfm":
+    if model in ("lightfm", "sfcml"):
         result["params"] = {**result["params"], "epochs (on validation)": result["model"].epochs_}
     exclude = split.validation if split.validation.nnz else None
     per_user: dict[str, np.ndarray] = {}
