@@ -216,12 +216,17 @@ BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
-def _beyond(values: list, best: Any, name: str) -> Any | None:
+#: Bounds of one family that differ from BOUNDS': SFCML's AdaGrad on the unit sphere
+#: takes larger steps than LightFM's SGD.
+FAMILY_BOUNDS: dict[str, dict[str, tuple[float, float]]] = {"sfcml": {"learning_rate": (1e-4, 20.0)}}
+
+
+def _beyond(values: list, best: Any, name: str, bounds: dict[str, tuple[float, float]] = BOUNDS) -> Any | None:
     """The next grid value past ``best`` when it is the grid's smallest or largest, else None."""
     numeric = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
     if len(numeric) < 2 or best not in (numeric[0], numeric[-1]):
         return None
-    low, high = BOUNDS.get(name, (-np.inf, np.inf))
+    low, high = bounds.get(name, (-np.inf, np.inf))
     if best == numeric[-1]:
         step = numeric[-1] / numeric[-2] if numeric[-2] > 0 else numeric[-1] - numeric[-2]
         value = best * step if numeric[-2] > 0 else best + step
@@ -242,6 +247,7 @@ def grid_search(
     score: Callable[[dict[str, Any]], tuple[float, dict[str, Any]]],
     rounds: int = 6,
     allowed: Callable[[str, Any], bool] = lambda name, value: True,
+    bounds: dict[str, tuple[float, float]] = BOUNDS,
 ) -> dict[str, Any]:
     """Every point of ``grid``; then, while the best value of a setting lies on the edge of
     its grid, one step beyond that edge (at most ``rounds`` times). ``score(params)`` gives
@@ -267,7 +273,7 @@ def grid_search(
         assert best is not None
         moved = False
         for name, values in grid.items():
-            value = _beyond(values, best["params"][name], name)
+            value = _beyond(values, best["params"][name], name, bounds)
             if value is not None and value not in values and allowed(name, value):
                 values.append(value)
                 evaluate({**best["params"], name: value})
@@ -275,7 +281,7 @@ def grid_search(
         if not moved:
             break
     assert best is not None
-    edges = [n for n, v in grid.items() if _beyond(v, best["params"][n], n) is not None]
+    edges = [n for n, v in grid.items() if _beyond(v, best["params"][n], n, bounds) is not None]
     return {**best, "grid": grid, "trials": list(tried.values()), "still_on_edge": edges}
 
 
@@ -290,7 +296,7 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[st
         print(f"    {family} {params}: validation recall@50 {valid:.4f} ({seconds:.1f}s)", flush=True)
         return valid, {"model": model, "fit_seconds": seconds}
 
-    return grid_search(GRIDS[family], score)
+    return grid_search(GRIDS[family], score, bounds={**BOUNDS, **FAMILY_BOUNDS.get(family, {})})
 
 
 # CML variants: the package defaults, options measured against them, and the
