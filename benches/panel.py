@@ -14,6 +14,10 @@ skipped when the command is run again (delete benches/out/panel to redo).
 
 Data sets: the five bundled ones (Gowalla on its published split, the seed
 then only seeds the models) and synthetic ones of a few densities.
+
+Models: the baselines of ``GRIDS``, CML's variants (``CML_VARIANTS``), and two
+prototypes of CML's successors measured before they earn a place in the
+library: ``dpcml-C[-dcrsW]`` (benches/dpcml.py) and ``sfcml`` (benches/sfcml.py).
 """
 
 from __future__ import annotations
