@@ -25,22 +25,21 @@ import torch
 
 import cml_rs
 from cml_rs import baselines, evaluation, nn
+from cml_rs._params import defaults
 
+_CML = defaults()
 #: The package's CML settings, and the diversity control of the DPCML paper's code.
-SETTINGS = dict(
-    dim=100,
-    margin=1.5,
-    n_negatives=20,
-    lambda_c=10.0,
-    learning_rate=0.1,
-    batch_size=2048,
-    dcrs_weight=10.0,
-    dcrs_low=0.05,
-    dcrs_high=0.25,
-    max_epochs=200,
-    eval_every=2,
-    patience=5,
-)
+SETTINGS = {
+    **{
+        name: _CML[name]
+        for name in ("margin", "n_negatives", "lambda_c", "learning_rate", "batch_size", "eval_every", "patience")
+    },
+    "dim": _CML["factors"],
+    "max_epochs": _CML["epochs"],
+    "dcrs_weight": 10.0,
+    "dcrs_low": 0.05,
+    "dcrs_high": 0.25,
+}
 
 
 class NearestVectorCML(baselines.ScoringRecommender):
