@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
+from typing import Callable
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 import cml_rs
-from cml_rs import datasets, evaluation, training
+from cml_rs import datasets, evaluation, training, tuning
 
 SPACE = {"learning_rate": [1e-5, 0.1], "margin": [0.5, 1.0]}
 SMALL = dict(factors=16, batch_size=256, eval_every=1, patience=3, epochs=30)
@@ -20,6 +20,40 @@ SMALL = dict(factors=16, batch_size=256, eval_every=1, patience=3, epochs=30)
 def split():
     data = datasets.synthetic(n_users=600, n_items=300, n_interactions=12000, n_clusters=8, seed=3)
     return datasets.split_paper(data.user_items, seed=0)
+
+
+class EpochClock:
+    """Stands in for the tuner's clock: time passes only as epochs train, so the tests of
+    its budget do not depend on how busy the machine is."""
+
+    def __init__(self, cost: Callable[[int], float]) -> None:
+        self.cost, self.now, self.epochs = cost, 0.0, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def charge_epoch(self) -> None:
+        self.now += self.cost(self.epochs)
+        self.epochs += 1
+
+
+@pytest.fixture
+def epoch_clock(monkeypatch):
+    """``epoch_clock(cost)``: from then on the tuner's n-th epoch (over all trials) takes ``cost(n)`` seconds."""
+
+    def install(cost: Callable[[int], float]) -> EpochClock:
+        clock = EpochClock(cost)
+        run_epoch = training.Trainer.run_epoch
+
+        def charged(self, epoch):
+            clock.charge_epoch()
+            return run_epoch(self, epoch)
+
+        monkeypatch.setattr(tuning, "time", clock)
+        monkeypatch.setattr(training.Trainer, "run_epoch", charged)
+        return clock
+
+    return install
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +114,21 @@ def test_the_budget_bounds_the_search(split):
     assert np.isfinite(result.model.item_factors).all()
 
 
-def test_time_left_goes_to_more_brackets(split):
+def test_time_left_goes_to_more_brackets(split, epoch_clock):
     # Left to the budget, the search does not stop after one bracket while half of
     # the budget is unspent: later brackets draw fresh configurations of the same
-    # number, and the model returned is the best of them all.
-    result = cml_rs.tune(split.train, split.validation, budget_seconds=30, show_progress=False, **SMALL)
+    # number, and the model returned is the best of them all. An epoch costs one
+    # second of the tuner's clock, so 3 configurations fit (36 s budget) and brackets
+    # of 6 epochs follow one another while one more ends within 18 s: 3 of them.
+    epoch_clock(lambda epoch: 1.0)
+    options = {**SMALL, "num_threads": 1}
+    result = cml_rs.tune(split.train, split.validation, budget_seconds=36, show_progress=False, **options)
     sizes = np.bincount([t["bracket"] for t in result.trials])
-    assert len(sizes) >= 2 and len(set(sizes)) == 1, sizes
+    assert sizes.tolist() == [3] * 3, sizes
     assert len({json.dumps(t["params"], sort_keys=True) for t in result.trials}) == len(result.trials)
     best = [t for t in result.trials if t["outcome"] == "best"]
     assert len(best) == 1 and best[0]["recall"] == max(t["recall"] for t in result.trials)
-    assert result.seconds <= 30 * 1.2
+    assert result.seconds <= 36
 
 
 def _recall_stalled(model, patience: int) -> bool:
@@ -104,25 +142,18 @@ def test_the_winner_trains_to_early_stopping(result):
     assert best["epochs"] == SMALL["epochs"] or _recall_stalled(result.model, SMALL["patience"])
 
 
-def test_a_slow_first_epoch_does_not_cut_the_winner_short(split, monkeypatch):
-    # A GPU's start-up makes the very first epoch slow. Charged to every epoch,
-    # it would leave the winner a few epochs; measured over all trials, the
-    # winner still trains to early stopping (or the epoch cap) within the budget.
-    run_epoch, calls = training.Trainer.run_epoch, []
-
-    def slow_first_epoch(self, epoch):
-        if not calls:
-            time.sleep(3.0)
-        calls.append(epoch)
-        return run_epoch(self, epoch)
-
-    monkeypatch.setattr(training.Trainer, "run_epoch", slow_first_epoch)
-    # Stopping takes 8 checks past the best: more epochs than a rate of 1.5 s affords.
+def test_a_slow_first_epoch_does_not_cut_the_winner_short(split, epoch_clock):
+    # A GPU's start-up makes the very first epoch slow. Charged to every epoch
+    # (3.1 s over the first rung of 2), it would leave the winner 0.9 * 11 / 1.55,
+    # about 6 epochs: too few to stop, with 8 checks of patience. Measured over all
+    # trials, the winner still trains to early stopping (or the epoch cap) in budget.
+    epoch_clock(lambda epoch: 3.0 if epoch == 0 else 0.1)
     options = {**SMALL, "patience": 8, "num_threads": 1}
     result = cml_rs.tune(split.train, split.validation, budget_seconds=15, show_progress=False, **options)
     best = next(t for t in result.trials if t["outcome"] == "best")
     assert best["epochs"] == options["epochs"] or _recall_stalled(result.model, options["patience"]), best
-    assert result.seconds <= 15 * 1.2
+    assert best["epochs"] > 2 + 6
+    assert result.seconds <= 15
 
 
 @pytest.mark.parametrize(
