@@ -49,6 +49,19 @@ def test_ease_on_a_torch_device_matches_lapack():
     np.testing.assert_array_equal(ids, lapack.recommend(users, train, N=5)[0])
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_ease_names_a_gram_matrix_it_cannot_invert(device):
+    # Items 0 and 1 are liked by the same 4 users: their Gram block is [[4, 4], [4, 4]],
+    # whose Cholesky pivot is exactly 4 - 2 * 2 = 0, and 1e-10 vanishes beside 4 in float32.
+    rows = np.zeros((6, 3), dtype=np.float32)
+    rows[:4, :2] = 1.0
+    rows[4:, 2] = 1.0
+    with pytest.raises(np.linalg.LinAlgError, match="singular in float32.*raise regularization"):
+        baselines.EASE(regularization=1e-10, device=device).fit(sp.csr_matrix(rows))
+    weights = baselines.EASE(regularization=1.0, device=device).fit(sp.csr_matrix(rows)).item_weights_
+    assert np.isfinite(np.asarray(weights)).all()
+
+
 def test_rp3beta_matches_the_random_walk_by_hand():
     model = baselines.RP3beta(alpha=1.0, beta=0.5, top_k=4, normalize=False).fit(MATRIX)
     x = MATRIX.toarray().astype(np.float64)
@@ -103,6 +116,7 @@ def test_baselines_plug_into_ranking_metrics():
     ("make", "message"),
     [
         (lambda: baselines.EASE(regularization=0), "regularization must be > 0"),
+        (lambda: baselines.EASE(regularization=1e20), r"regularization must be <= 1000000000000\.0, got 1e\+20"),
         (lambda: baselines.EASE(device="gpu0"), "device must name a torch device"),
         (lambda: baselines.RP3beta(top_k=0), "top_k must be at least 1"),
         (lambda: baselines.Popularity().fit(sp.csr_matrix((3, 3))), "holds no interactions"),

@@ -30,6 +30,9 @@ __all__ = ["EASE", "Popularity", "RP3beta", "ScoringRecommender"]
 
 #: Users scored at once (scores are a dense users x items block).
 BLOCK = 1024
+#: EASE's largest regularisation: its weights scale like 1/lambda^2, and float32
+#: holds them without underflow up to about 1e19.
+MAX_REGULARIZATION = 1e12
 
 
 class ScoringRecommender:
@@ -151,7 +154,8 @@ class EASE(ScoringRecommender):
     ----------
     regularization : float
         lambda added to the Gram matrix's diagonal (Steck: a few hundred on
-        MovieLens-sized data; tune it on validation).
+        MovieLens-sized data; tune it on validation). At most 1e12: the weights
+        fall like 1/lambda^2 and past about 1e19 they underflow float32 to zero.
     device : str or torch.device, optional
         Where torch inverts the Gram matrix and scores (e.g. ``"cuda"``: seconds
         instead of minutes at 40k items). None: numpy and LAPACK on the CPU.
@@ -159,7 +163,9 @@ class EASE(ScoringRecommender):
 
     def __init__(self, regularization: float = 500.0, device: Any = None) -> None:
         super().__init__()
-        self.regularization = check_float(regularization, "regularization", minimum=0.0, strict=True)
+        self.regularization = check_float(
+            regularization, "regularization", minimum=0.0, strict=True, maximum=MAX_REGULARIZATION
+        )
         if device is not None:
             import torch
 
@@ -185,7 +191,7 @@ class EASE(ScoringRecommender):
         if info == 0:
             precision, info = scipy.linalg.lapack.spotri(factor, lower=True, overwrite_c=True)
         if info != 0:
-            raise np.linalg.LinAlgError(f"EASE: the Gram matrix could not be inverted (LAPACK info {info})")
+            raise _singular(f"LAPACK info {info}")
         del gram, factor
         _mirror_lower_triangle(precision)  # LAPACK filled the lower triangle only
         diagonal = np.diag(precision).copy()
@@ -203,7 +209,7 @@ class EASE(ScoringRecommender):
         factor, info = torch.linalg.cholesky_ex(gram)
         del gram
         if int(info) != 0:
-            raise np.linalg.LinAlgError(f"EASE: the Gram matrix could not be inverted (Cholesky info {int(info)})")
+            raise _singular(f"Cholesky info {int(info)}")
         precision = torch.cholesky_inverse(factor)
         del factor
         precision /= -precision.diagonal().clone()[None, :]
@@ -217,6 +223,14 @@ class EASE(ScoringRecommender):
 
         rows = torch.from_numpy(user_rows.toarray()).to(self.device)
         return (rows @ self.item_weights_).cpu().numpy()
+
+
+def _singular(detail: str) -> np.linalg.LinAlgError:
+    """The error of a Gram matrix that float32 Cholesky cannot factor (items that repeat one
+    another, and a regularisation too small to tell them apart)."""
+    return np.linalg.LinAlgError(
+        f"EASE: the Gram matrix plus regularization is singular in float32 ({detail}); raise regularization"
+    )
 
 
 class RP3beta(ScoringRecommender):
