@@ -1,0 +1,100 @@
+"""The benchmark prototypes of CML's successors (benches/sfcml.py, benches/dpcml.py): their
+losses and scores against the definitions written out by hand, so the panel's figures for
+them rest on code that is checked."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import REPO_ROOT
+
+from cml_rs import baselines, datasets, evaluation, nn
+
+sys.path.insert(0, str(REPO_ROOT / "benches"))
+dpcml = pytest.importorskip("dpcml")
+sfcml = pytest.importorskip("sfcml")
+
+
+def test_the_sampling_free_loss_is_the_mean_over_every_positive_negative_pair():
+    # The expansion in SamplingFreeCML.loss (per-user means of d and d^2) against the
+    # definition: mean over users of mean_{i in P, j in N} (m - (s_i - s_j))^2.
+    generator = torch.Generator().manual_seed(0)
+    model = sfcml.SamplingFreeCML(margin=0.7, learning_rate=0.1, seed=0, threads=1)
+    model.users = torch.nn.functional.normalize(torch.randn(4, 5, generator=generator), dim=1)
+    model.items = torch.nn.functional.normalize(torch.randn(6, 5, generator=generator), dim=1)
+    targets = torch.tensor(
+        [[1, 0, 0, 1, 0, 0], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=torch.float32
+    )
+    users = torch.arange(4)
+    scores = 2.0 * model.users @ model.items.T
+    by_hand = []
+    for u in range(4):  # user 2 has no negative: it does not count
+        positives, negatives = np.flatnonzero(targets[u] > 0), np.flatnonzero(targets[u] == 0)
+        if len(positives) and len(negatives):
+            pairs = [(0.7 - (scores[u, i] - scores[u, j])) ** 2 for i in positives for j in negatives]
+            by_hand.append(torch.stack(pairs).mean())
+    assert model.loss(users, targets).item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-5)
+
+
+def test_the_sampling_free_model_learns_and_keeps_unit_vectors():
+    data = datasets.synthetic(n_users=300, n_items=120, n_interactions=6000, n_clusters=6, seed=1)
+    split = datasets.split_paper(data.user_items, seed=0)
+    model = sfcml.SamplingFreeCML(
+        margin=2.0, learning_rate=0.5, seed=0, threads=1, validation=split.validation, dim=16, max_epochs=20
+    ).fit(split.train)
+    norms = torch.linalg.vector_norm(torch.cat([model.users, model.items]), dim=1)
+    np.testing.assert_allclose(norms.detach().numpy(), 1.0, rtol=1e-5)
+
+    def test_recall(recommender) -> float:
+        return evaluation.ranking_metrics_at_k(recommender, split.train, split.test, K=20, exclude=split.validation)[
+            "recall"
+        ]
+
+    # Popularity scores about 0.41 here; the clusters let a learned model do far better.
+    popularity = baselines.Popularity().fit(split.train)
+    assert 1 <= model.epochs_ <= 20 and test_recall(model) > 1.4 * test_recall(popularity)
+
+
+def test_nearest_vector_distances_take_the_closest_of_a_users_vectors():
+    model = dpcml.NearestVectorCML(n_users=3, n_items=5, vectors=2, dim=4, seed=0)
+    users, items = torch.tensor([0, 1, 2, 2]), torch.tensor([4, 0, 3, 1])
+    u, v = model.users.detach(), model.items.detach()
+    by_hand = torch.stack([min(((u[a, c] - v[b]) ** 2).sum() for c in range(2)) for a, b in zip(users, items)])
+    torch.testing.assert_close(model.nearest_distances(users, items), by_hand)
+    negatives = torch.tensor([[0, 1, 2], [2, 3, 4], [4, 4, 0], [1, 0, 3]])
+    table = model.negative_distances(users, negatives)
+    for row, (a, picks) in enumerate(zip(users, negatives)):
+        want = torch.stack([min(((u[a, c] - v[b]) ** 2).sum() for c in range(2)) for b in picks])
+        torch.testing.assert_close(table[row], want, rtol=1e-5, atol=1e-6)
+    scores = model.scores(np.arange(3), sp.csr_matrix((3, 5)))
+    for a in range(3):
+        want = [-min(((u[a, c] - v[b]) ** 2).sum().item() for c in range(2)) for b in range(5)]
+        np.testing.assert_allclose(scores[a], want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_diversity_penalty_counts_pairs_outside_the_band():
+    model = dpcml.NearestVectorCML(n_users=1, n_items=2, vectors=3, dim=2, seed=0)
+    with torch.no_grad():  # squared distances: 0.01 (too close), 0.16 (inside), 0.25 (inside)
+        model.users.copy_(torch.tensor([[[0.0, 0.0], [0.1, 0.0], [0.0, 0.4]]]))
+    low, high = 0.05, 0.2
+    # Pairs (0,1): 0.01 < low by 0.04; (0,2): 0.16 inside; (1,2): 0.17 inside. Each
+    # unordered pair appears twice among the 6 ordered ones.
+    penalty = model.diversity_penalty(torch.tensor([0]), low, high)
+    assert penalty.item() == pytest.approx(2 * 0.04 / 6, rel=1e-5)
+    single = dpcml.NearestVectorCML(n_users=1, n_items=2, vectors=1, dim=2, seed=0)
+    assert single.diversity_penalty(torch.tensor([0]), low, high).item() == 0.0
+
+
+def test_one_vector_per_user_keeps_cmls_distances():
+    # The control of the DPCML runs: with C = 1 the nearest-vector distance is CML's.
+    model = dpcml.NearestVectorCML(n_users=4, n_items=6, vectors=1, dim=3, seed=0)
+    embedding = nn.CMLEmbedding.from_vectors(model.users.detach()[:, 0], model.items.detach())
+    users, items = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 4, 0, 1])
+    negatives = torch.tensor([[0, 1], [2, 3], [4, 5], [5, 0]])
+    positive, negative = embedding.distances(users, items, negatives)
+    torch.testing.assert_close(model.nearest_distances(users, items), positive)
+    torch.testing.assert_close(model.negative_distances(users, negatives), negative, rtol=1e-5, atol=1e-6)
