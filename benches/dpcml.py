@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 
 import cml_rs
-from cml_rs import baselines, evaluation, nn
+from cml_rs import baselines, evaluation, nn, training
 from cml_rs._params import defaults
 
 _CML = defaults()
@@ -106,7 +106,8 @@ def fit_dpcml(
     n_users, n_items = train.shape
     model = NearestVectorCML(n_users, n_items, vectors, s["dim"], seed)
     optimizer = torch.optim.Adagrad([model.users, model.items], lr=s["learning_rate"])
-    sampler = cml_rs.WarpSampler(train, batch_size=s["batch_size"], n_negatives=s["n_negatives"], seed=seed)
+    n_negatives = s["n_negatives"] if s["n_negatives"] is not None else training.negatives_for(train)
+    sampler = cml_rs.WarpSampler(train, batch_size=s["batch_size"], n_negatives=n_negatives, seed=seed)
     best, best_state, best_epoch, stale, epoch = -1.0, None, 0, 0, 0
     start = time.perf_counter()
     for epoch in range(s["max_epochs"]):
@@ -143,7 +144,7 @@ def fit_dpcml(
         model.items.copy_(best_state[1])
     return {
         "model": model,
-        "params": {**s, "vectors": vectors},
+        "params": {**s, "n_negatives": n_negatives, "vectors": vectors},
         "fit_seconds": time.perf_counter() - start,
         "epochs": epoch + 1,
         "best_epoch": best_epoch,

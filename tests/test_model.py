@@ -169,6 +169,35 @@ def test_cml_beats_popularity_on_synthetic_clusters():
     assert test["wilcoxon_p"] < 0.01 and test["mean_difference"] > 0
 
 
+def test_negatives_follow_the_density_within_their_range():
+    # U = round(0.2 / density), kept within [3, 20]; explicit zeros are not interactions.
+    def density(users: int, items: int, nnz: int) -> sp.csr_matrix:
+        flat = np.zeros(users * items, dtype=np.float32)
+        flat[:nnz] = 1.0
+        return sp.csr_matrix(flat.reshape(users, items))
+
+    assert training.negatives_for(density(100, 100, 200)) == 10  # 2% dense
+    assert training.negatives_for(density(100, 100, 150)) == 13  # 1.5%: 0.2 / 0.015 = 13.3
+    assert training.negatives_for(density(100, 100, 1000)) == 3  # 10%: at the floor
+    assert training.negatives_for(density(100, 1000, 10)) == 20  # 0.01%: at the cap
+    with_zeros = density(100, 100, 400)
+    with_zeros.data[:200] = 0.0  # stored, but no interaction: 2% dense
+    assert training.negatives_for(with_zeros) == 10
+
+
+def test_the_fit_records_the_negatives_it_used(tmp_path):
+    matrix = checkerboard(40, 40)  # 50% dense: the rule's floor of 3
+    model = small_model(epochs=2).fit(matrix, show_progress=False)
+    assert model.n_negatives is None and model.n_negatives_ == 3
+    assert small_model(epochs=2, n_negatives=7).fit(matrix, show_progress=False).n_negatives_ == 7
+    model.save(tmp_path / "model.npz")
+    back = CollaborativeMetricLearning.load(tmp_path / "model.npz")
+    assert back.n_negatives is None and back.n_negatives_ == 3
+    # Refit on sparser data: the rule is applied again (1 of 40 items a user: 2.5%, U = 8).
+    sparse = sp.csr_matrix((np.ones(40, np.float32), (np.arange(40), np.arange(40))), shape=(40, 40))
+    assert back.fit(sparse, show_progress=False).n_negatives_ == 8
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -180,7 +209,7 @@ def test_cml_beats_popularity_on_synthetic_clusters():
         dict(covariance_rows="sampled", covariance_sample=64),
         dict(lambda_c=0.0),
         dict(margin=0.5),
-        dict(n_negatives=3),
+        dict(n_negatives=20),  # the density rule gives 3 here
         dict(negative_popularity=1.0),
         dict(adaptive_margin=0.5),
         dict(adaptive_margin=0.5, covariance_rows="all"),
@@ -317,6 +346,8 @@ def test_recommend_errors(fitted):
         (dict(optimizer="sgd"), ValueError, "optimizer must be"),
         (dict(covariance_rows="some"), ValueError, "covariance_rows must be"),
         (dict(margin="wide"), TypeError, "margin must be a number"),
+        (dict(n_negatives=0), ValueError, "n_negatives must be at least 1"),
+        (dict(n_negatives="auto"), TypeError, "n_negatives"),
     ],
 )
 def test_constructor_validation(options, error, message):

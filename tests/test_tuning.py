@@ -129,6 +129,10 @@ def test_time_left_goes_to_more_brackets(split, epoch_clock):
     best = [t for t in result.trials if t["outcome"] == "best"]
     assert len(best) == 1 and best[0]["recall"] == max(t["recall"] for t in result.trials)
     assert result.seconds <= 36
+    # The package defaults are among the trials, U as the data's density gave it.
+    defaults = {"margin": 1.5, "learning_rate": 0.1, "lambda_c": 10.0}
+    first = [t for t in result.trials if defaults.items() <= t["params"].items()]
+    assert [t["params"]["n_negatives"] for t in first] == [training.negatives_for(split.train)]
 
 
 def _recall_stalled(model, patience: int) -> bool:

@@ -32,9 +32,12 @@ class Hyperparameter:
     strict: bool = False  # the minimum itself is excluded
     choices: tuple[str, ...] | None = None
     flag: str | None = None  # the command-line option, None for none
+    optional: bool = False  # None is allowed: the value is then chosen from the data
 
     def check(self, value: Any) -> Any:
         """``value`` converted to this parameter's type, or a TypeError / ValueError naming it."""
+        if value is None and self.optional:
+            return None
         if self.choices is not None:
             if value not in self.choices:
                 raise ValueError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
@@ -52,7 +55,16 @@ class Hyperparameter:
 HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("factors", 100, "dimension r of the space", int, 1, 65536, flag="--factors"),
     Hyperparameter("margin", 1.5, "hinge margin m on squared distances", float, 0.0, 100.0, flag="--margin"),
-    Hyperparameter("n_negatives", 20, "sampled negatives U per positive pair", int, 1, 10_000, flag="--negatives"),
+    Hyperparameter(
+        "n_negatives",
+        None,
+        "sampled negatives U per positive pair (default: 0.2 / density of the training data, within 3-20)",
+        int,
+        1,
+        10_000,
+        flag="--negatives",
+        optional=True,
+    ),
     Hyperparameter(
         "learning_rate",
         0.1,

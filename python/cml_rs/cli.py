@@ -45,7 +45,7 @@ def _hyperparameter_arguments(parser: argparse.ArgumentParser) -> None:
             default=param.default,
             choices=param.choices,
             metavar=None if param.choices else param.flag.lstrip("-").upper().replace("-", "_"),
-            help=f"{param.help} (default: {param.default})",
+            help=param.help if param.default is None else f"{param.help} (default: {param.default})",
         )
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 

@@ -68,6 +68,7 @@ from .training import (
     _evaluation_users,
     _unflatten,
     digest_matrices,
+    resolve_negatives,
     restore,
     snapshot,
     torch_threads,
@@ -298,7 +299,10 @@ class _ShardedFit:
         self.local.embedding_ = CMLEmbedding(
             len(self.user_ids), len(self.block_items[rank]), model.factors, model.max_norm, generator=generator
         ).to(self.local.device)
-        # One sampler per item block that this rank's users have pairs with.
+        # One sampler per item block that this rank's users have pairs with; U comes
+        # from the whole matrix (a block's density is not the data's).
+        resolve_negatives(model, train)
+        self.local.n_negatives_ = model.n_negatives_
         self.samplers: dict[int, Any] = {}
         for block, pairs in _blocks(shard, n).items():
             try:

@@ -401,12 +401,48 @@ class Trainer:
         return epoch + 1, finished
 
 
+#: Of U negatives drawn uniformly, the hardest is more and more often an item the user
+#: would like but has not met (a false negative) as U x density grows, so
+#: ``n_negatives=None`` keeps U x density near this. Chosen on the validation splits
+#: of the four real panel sets (benches/RESULTS.md): ml-100k (2.1% dense) gains 13% at
+#: U = 10 over 20, ml-1m-implicit (1.6%) needs U >= 10, ml-latest-small (0.5%) and
+#: citeulike-t (0.04%) want 20; checked on synthetic-dense (2.0%: +3.6% at U = 10).
+NEGATIVES_TIMES_DENSITY = 0.2
+#: The range of that U: below 3 the hardest negative is barely hard; above 20 it
+#: lost recall on the sparsest sets (citeulike-t: U = 40 below 10 and 20).
+AUTO_NEGATIVES = (3, 20)
+
+
+def negatives_for(train: sp.csr_matrix) -> int:
+    """The U that ``n_negatives=None`` gives for ``train``: 0.2 / density, within [3, 20]."""
+    n_users, n_items = train.shape
+    density = int(np.count_nonzero(train.data > 0)) / max(1, n_users * n_items)
+    low, high = AUTO_NEGATIVES
+    return low if density == 0 else int(min(high, max(low, round(NEGATIVES_TIMES_DENSITY / density))))
+
+
+def resolve_negatives(model: CollaborativeMetricLearning, train: sp.csr_matrix) -> int:
+    """Sets ``model.n_negatives_``, the U its fit samples: ``n_negatives``, or if that is None
+    the density rule on the whole training matrix ``train``."""
+    model.n_negatives_ = model.n_negatives if model.n_negatives is not None else negatives_for(train)
+    return model.n_negatives_
+
+
+def fitted_negatives(model: CollaborativeMetricLearning) -> int:
+    """The U of ``model``'s fit (for fold-in): as resolved, else as set, else the rule's largest."""
+    if model.n_negatives_ is not None:
+        return model.n_negatives_
+    return model.n_negatives if model.n_negatives is not None else AUTO_NEGATIVES[1]
+
+
 def warp_sampler(model: CollaborativeMetricLearning, train: sp.csr_matrix, seed: int | None = None) -> WarpSampler:
-    """The WARP sampler of ``train`` with ``model``'s settings (its seed unless ``seed``)."""
+    """The WARP sampler of ``train`` with ``model``'s settings (its seed unless ``seed``).
+    U is ``model.n_negatives_`` (see :func:`resolve_negatives`) once the fit has set it."""
+    n_negatives = model.n_negatives_ if model.n_negatives_ is not None else resolve_negatives(model, train)
     return WarpSampler(
         train,
         batch_size=model.batch_size,
-        n_negatives=model.n_negatives,
+        n_negatives=n_negatives,
         seed=model.random_state if seed is None else seed,
         num_threads=model.num_threads,
         weighted=not model.binary,
@@ -639,7 +675,7 @@ def fold_in(
     sampler = WarpSampler(
         train,
         batch_size=model.batch_size,
-        n_negatives=model.n_negatives,
+        n_negatives=fitted_negatives(model),
         seed=model.random_state,
         num_threads=model.num_threads,
     )

@@ -33,7 +33,7 @@ import scipy.sparse as sp
 
 from ._checks import as_csr, check_float, check_int
 from ._params import check_hyperparameters, defaults
-from .training import Trainer, restore, torch_threads
+from .training import Trainer, resolve_negatives, restore, torch_threads
 
 __all__ = ["SEARCH_SPACE", "TuneResult", "tune"]
 
@@ -127,10 +127,12 @@ class _Trial:
     ):
         from .model import CollaborativeMetricLearning
 
-        self.params = params
         self.bracket = bracket
         self.model = CollaborativeMetricLearning(**{**base, **params})
         self.model._build(*train.shape, None, None)
+        # The defaults' U (None) is recorded as the number the data's density gave.
+        resolve_negatives(self.model, train)
+        self.params = {**params, "n_negatives": self.model.n_negatives_} if "n_negatives" in params else params
         self.trainer = Trainer(self.model, train, validation)
         self.epochs = 0
         self.seconds = 0.0  # wall time spent training (evaluations included)
