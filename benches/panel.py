@@ -292,7 +292,15 @@ def grid_search(
     return {**best, "grid": grid, "trials": list(tried.values()), "still_on_edge": edges}
 
 
-def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[str, Any]:
+#: Starting grids for one data set, where a full grid costs too much: the neighbours of
+#: the value split seed 0 chose on validation from the full grid (edges are still pushed).
+#: EASE at citeulike-t's 26k items takes 7 min a fit; seed 0 ran 12.5-3200 and chose 50.
+DATASET_GRIDS: dict[tuple[str, str], dict[str, list]] = {
+    ("ease", "citeulike-t"): {"regularization": [12.5, 50.0, 200.0]},
+}
+
+
+def tune(family: str, split: datasets.Split, threads: int, seed: int, dataset: str = "") -> dict[str, Any]:
     """A baseline's grid search on validation recall@50 with edge extension; the best model is kept."""
 
     def score(params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -303,7 +311,8 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[st
         print(f"    {family} {params}: validation recall@50 {valid:.4f} ({seconds:.1f}s)", flush=True)
         return valid, {"model": model, "fit_seconds": seconds}
 
-    return grid_search(GRIDS[family], score, bounds={**BOUNDS, **FAMILY_BOUNDS.get(family, {})})
+    grid = GRIDS[family] if seed == 0 else DATASET_GRIDS.get((family, dataset), GRIDS[family])
+    return grid_search(grid, score, bounds={**BOUNDS, **FAMILY_BOUNDS.get(family, {})})
 
 
 # CML variants: the package defaults, options measured against them, and the
@@ -313,10 +322,13 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int) -> dict[st
 # every margin pinned at its cap (a fixed margin of 4, nothing adaptive left), so
 # 3 is the best setting that adapts; negative_popularity 0.1 / 0.25 / 0.5 / 1
 # gave 0.4060 / 0.3417 / 0.2750 / 0.1898, falling towards 0 (uniform), so 0.1.
+# The options were measured against the defaults of their time, U = 20 (before the
+# density rule), and keep that U; "cml-u20" is those defaults.
 CML_VARIANTS: dict[str, dict[str, Any]] = {
     "cml": {},
-    "cml-adaptive-margin": {"adaptive_margin": 3.0},
-    "cml-popular-negatives": {"negative_popularity": 0.1},
+    "cml-u20": {"n_negatives": 20},
+    "cml-adaptive-margin": {"adaptive_margin": 3.0, "n_negatives": 20},
+    "cml-popular-negatives": {"negative_popularity": 0.1, "n_negatives": 20},
     "cml-tuned": {"tune_budget_seconds": 600.0},
 }
 
@@ -335,6 +347,8 @@ def fit_cml(variant: str, split: datasets.Split, threads: int, seed: int) -> dic
         model = cml_rs.CML(**options)
         model.fit(split.train, validation=validation, show_progress=False)
         extra = {}
+        if "n_negatives" not in options:
+            options = {**options, "n_negatives (density rule)": model.n_negatives_}
     return {
         "model": model,
         "params": options,
@@ -367,7 +381,7 @@ def run_job(dataset: str, seed: int, model: str, split: datasets.Split, threads:
         options = {"dcrs_weight": float(rest[0])} if rest else {}
         result = fit_dpcml(int(vectors), split.train, split.validation, threads, seed, **options)
     else:
-        result = tune(model, split, threads, seed)
+        result = tune(model, split, threads, seed, dataset)
     if model in ("lightfm", "sfcml"):
         result["params"] = {**result["params"], "epochs (on validation)": result["model"].epochs_}
     exclude = split.validation if split.validation.nnz else None
@@ -521,16 +535,36 @@ DEFAULT_PROBES = {
 }
 
 
-def probe_defaults(threads: int, names: list[str]) -> None:
-    """Validation recall@50 (seed 0) of candidate defaults against today's, per data set."""
+#: U from few to many, to see whether the best number of negatives follows the data's
+#: density (ml-100k, 6.3% dense, gained 13% at U = 10; ml-latest-small, 1.7%, lost 3%).
+NEGATIVE_PROBES = {f"n_negatives={u}": dict(n_negatives=u) for u in (3, 5, 10, 40)}
+PROBES = {"defaults": DEFAULT_PROBES, "negatives": NEGATIVE_PROBES}
+PROBE_FILE = OUT_DIR / "probe_defaults.json"
+
+
+def probe_defaults(threads: int, names: list[str], probes: str = "defaults", seed: int = 0) -> None:
+    """Validation recall@50 of candidate defaults against today's, per data set (split
+    ``seed``); every fit is kept in PROBE_FILE, so a probe that stops resumes."""
+    done = json.loads(PROBE_FILE.read_text()) if PROBE_FILE.exists() else {}
     for name in names:
-        split = load_split(name, 0)
-        scores = {}
-        for label, settings in {"defaults": {}, **DEFAULT_PROBES}.items():
-            model = cml_rs.CML(num_threads=threads, random_state=0, **settings)
-            model.fit(split.train, validation=split.validation, show_progress=False)
-            scores[label] = max(e.get("recall@50", 0) for e in model.history_)
-            print(f"{name} {label}: validation recall@50 {scores[label]:.4f}", flush=True)
+        split = load_split(name, seed)
+        density = split.train.nnz / (split.train.shape[0] * split.train.shape[1])
+        for label, settings in {"defaults": {}, **PROBES[probes]}.items():
+            key = f"{name}__seed{seed}__{label}"
+            if key not in done:
+                start = time.perf_counter()
+                model = cml_rs.CML(num_threads=threads, random_state=seed, **settings)
+                model.fit(split.train, validation=split.validation, show_progress=False)
+                done[key] = {
+                    "validation_recall@50": max(e.get("recall@50", 0) for e in model.history_),
+                    "best_epoch": model.best_epoch_,
+                    "train_density": density,
+                    "fit_seconds": time.perf_counter() - start,
+                }
+                PROBE_FILE.parent.mkdir(parents=True, exist_ok=True)
+                PROBE_FILE.write_text(json.dumps(done, indent=1))
+            recall = done[key]["validation_recall@50"]
+            print(f"{name} (density {density:.3%}) {label}: validation recall@50 {recall:.4f}", flush=True)
 
 
 def main() -> None:
@@ -545,11 +579,15 @@ def main() -> None:
     parser.add_argument("--metric", default="recall@50")
     parser.add_argument("--probe-options", action="store_true", help="pick the option variants' settings (ml-100k)")
     parser.add_argument(
-        "--probe-defaults", action="store_true", help="candidate defaults on validation (the --datasets given)"
+        "--probe-defaults",
+        nargs="?",
+        const="defaults",
+        choices=sorted(PROBES),
+        help="candidate defaults on validation (the --datasets given, the first of --seeds)",
     )
     args = parser.parse_args()
     if args.probe_defaults:
-        probe_defaults(args.threads, args.datasets)
+        probe_defaults(args.threads, args.datasets, args.probe_defaults, args.seeds[0])
         return
     if args.probe_options:
         probe_options(args.threads)
