@@ -78,7 +78,7 @@ def test_nearest_vector_distances_take_the_closest_of_a_users_vectors():
 
 def test_the_diversity_penalty_counts_pairs_outside_the_band():
     model = dpcml.NearestVectorCML(n_users=1, n_items=2, vectors=3, dim=2, seed=0)
-    with torch.no_grad():  # squared distances: 0.01 (too close), 0.16 (inside), 0.25 (inside)
+    with torch.no_grad():  # squared distances: 0.01 (too close), 0.16 and 0.17 (inside)
         model.users.copy_(torch.tensor([[[0.0, 0.0], [0.1, 0.0], [0.0, 0.4]]]))
     low, high = 0.05, 0.2
     # Pairs (0,1): 0.01 < low by 0.04; (0,2): 0.16 inside; (1,2): 0.17 inside. Each
