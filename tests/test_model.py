@@ -185,7 +185,7 @@ def test_negatives_follow_the_density_within_their_range():
     assert training.negatives_for(with_zeros) == 10
 
 
-def test_the_fit_records_the_negatives_it_used(tmp_path):
+def test_the_fit_records_the_negatives_it_used(tmp_path, monkeypatch):
     matrix = checkerboard(40, 40)  # 50% dense: the rule's floor of 3
     model = small_model(epochs=2).fit(matrix, show_progress=False)
     assert model.n_negatives is None and model.n_negatives_ == 3
@@ -193,6 +193,18 @@ def test_the_fit_records_the_negatives_it_used(tmp_path):
     model.save(tmp_path / "model.npz")
     back = CollaborativeMetricLearning.load(tmp_path / "model.npz")
     assert back.n_negatives is None and back.n_negatives_ == 3
+    # Fold-in after loading samples the U the fit used (the matrix it gets is not the data).
+    used = []
+    sampler = training.WarpSampler
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["n_negatives"])
+        return sampler(*args, **kwargs)
+
+    monkeypatch.setattr(training, "WarpSampler", recording)
+    back.recommend(0, matrix[0], recalculate_user=True)
+    monkeypatch.undo()
+    assert used == [3]
     # Refit on sparser data: the rule is applied again (1 of 40 items a user: 2.5%, U = 8).
     sparse = sp.csr_matrix((np.ones(40, np.float32), (np.arange(40), np.arange(40))), shape=(40, 40))
     assert back.fit(sparse, show_progress=False).n_negatives_ == 8

@@ -291,6 +291,7 @@ def _rewrite_npz(path: Path, out: Path, meta_edit=None, arrays_edit=None, extra=
         (lambda m: m.pop("hyperparameters"), None, "hyper-parameters are missing"),
         (lambda m: m.update(n_features=4_000_000), None, "projector.hidden.weight' is missing"),
         (lambda m: m.update(history=7), None, "history is not a list"),
+        (lambda m: m.update(n_negatives=0), None, "'n_negatives' is 0"),
     ],
 )
 def test_checksum_valid_nonsense_in_a_model_file_is_refused(model, tmp_path, meta_edit, arrays_edit, message):
