@@ -32,10 +32,38 @@ def test_ease_matches_its_closed_form():
     b = -p / np.diag(p)[None, :]
     np.fill_diagonal(b, 0.0)
     np.testing.assert_allclose(model.item_weights_, b, rtol=1e-4, atol=1e-5)
+    # One float32 copy, laid out for scoring (rows @ weights); the fit makes no second one.
+    assert model.item_weights_.dtype == np.float32 and model.item_weights_.flags.c_contiguous
     ids, scores = model.recommend(0, MATRIX[0], N=2)
     want = x[0] @ b
     assert ids.tolist() == [int(i) for i in np.argsort(-np.where(x[0] > 0, -np.inf, want), kind="stable")[:2]]
     np.testing.assert_allclose(scores, np.sort(want[x[0] == 0])[::-1], rtol=1e-4)
+
+
+def test_ease_holds_its_items_by_items_matrix_once(monkeypatch):
+    """At 41k items that matrix is 6.7 GB: the fit must not copy it (a second copy was
+    there before, in the C-ordered weights made from LAPACK's Fortran-ordered inverse)."""
+    import functools
+    import tracemalloc
+
+    import scipy.linalg  # noqa: F401  (imported before tracing: a module is not the matrix)
+
+    # The mirroring's blocks are 2048 wide, as large as this whole matrix: shrink them
+    # to the share they have of a 41k-item one.
+    monkeypatch.setattr(
+        baselines, "_mirror_lower_triangle", functools.partial(baselines._mirror_lower_triangle, block=64)
+    )
+    items = 1500
+    train = sp.random(2000, items, density=0.01, random_state=1, format="csr", dtype=np.float32)
+    train.data[:] = 1.0
+    tracemalloc.start()
+    try:
+        baselines.EASE(regularization=50.0).fit(train)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    dense = items * items * 4
+    assert peak < 1.8 * dense, f"peak {peak / dense:.2f} x the dense matrix"
 
 
 def test_ease_on_a_torch_device_matches_lapack():

@@ -183,8 +183,12 @@ class EASE(ScoringRecommender):
             self.item_weights_ = self._fit_torch(matrix)
             return self
         # float32 and in place: the items x items matrix is the whole cost (6.7 GB
-        # and a few minutes at 41k items).
-        gram = np.asfortranarray((matrix.T @ matrix).toarray(), dtype=np.float32)
+        # and a few minutes at 41k items), so it is held once. The Gram matrix is
+        # symmetric: whichever layout scipy returns, it or its transpose is the
+        # Fortran-ordered array LAPACK works on in place.
+        gram = (matrix.T @ matrix).toarray()
+        if not gram.flags.f_contiguous:
+            gram = gram.T
         gram[np.diag_indices_from(gram)] += self.regularization
         # P = G^-1 from its Cholesky factor (G is symmetric positive definite).
         factor, info = scipy.linalg.lapack.spotrf(gram, lower=True, overwrite_a=True)
@@ -194,10 +198,11 @@ class EASE(ScoringRecommender):
             raise _singular(f"LAPACK info {info}")
         del gram, factor
         _mirror_lower_triangle(precision)  # LAPACK filled the lower triangle only
+        precision = precision.T  # symmetric again: the C-ordered view, no copy
         diagonal = np.diag(precision).copy()
         precision /= -diagonal[None, :]
         precision[np.diag_indices_from(precision)] = 0.0
-        self.item_weights_ = np.ascontiguousarray(precision)
+        self.item_weights_ = precision
         return self
 
     def _fit_torch(self, matrix: sp.csr_matrix) -> Any:
