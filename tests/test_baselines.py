@@ -72,9 +72,46 @@ def test_ease_on_a_torch_device_matches_lapack():
     on_torch = baselines.EASE(regularization=5.0, device="cpu").fit(train)
     np.testing.assert_allclose(on_torch.item_weights_.numpy(), lapack.item_weights_, rtol=1e-4, atol=1e-5)
     users = np.arange(50)
-    np.testing.assert_allclose(on_torch.scores(users, train), lapack.scores(users, train), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(on_torch.scores(users, train).numpy(), lapack.scores(users, train), rtol=1e-4, atol=1e-5)
     ids, _ = on_torch.recommend(users, train, N=5)
     np.testing.assert_array_equal(ids, lapack.recommend(users, train, N=5)[0])
+
+
+class _FixedScores(baselines.ScoringRecommender):
+    """Scores from a fixed matrix, as numpy or as a torch tensor (the device path)."""
+
+    def __init__(self, table: np.ndarray, as_tensor: bool) -> None:
+        super().__init__()
+        self.table, self.as_tensor = table, as_tensor
+        self.n_users, self.n_items = table.shape
+
+    def scores(self, userids, user_rows):
+        import torch
+
+        block = self.table[userids].copy()
+        return torch.from_numpy(block) if self.as_tensor else block
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"N": 5},
+        {"N": 30},  # more than there are items
+        {"N": 4, "filter_already_liked_items": False},
+        {"N": 3, "items": [7, 1, 2, 3, 11, 12, 13]},
+        {"N": 6, "filter_items": [0, 4, 5]},
+    ],
+)
+def test_ranking_on_a_device_matches_the_host(options):
+    """Device ranking (a stable sort) gives the host's ids and scores, ties to the lower id."""
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 3, size=(20, 15)).astype(np.float32)  # mostly ties
+    liked = sp.csr_matrix(rng.random((20, 15)) < 0.3, dtype=np.float32)
+    users = np.arange(20)
+    host = _FixedScores(table, as_tensor=False).recommend(users, liked, **options)
+    device = _FixedScores(table, as_tensor=True).recommend(users, liked, **options)
+    np.testing.assert_array_equal(device[0], host[0])
+    np.testing.assert_array_equal(device[1], host[1])
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])
