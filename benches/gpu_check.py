@@ -97,13 +97,26 @@ def check_ease(device: torch.device) -> dict:
     }
 
 
-def test_metrics(model, train, test, cutoffs=(20, 50)) -> dict:
-    """Test recall and NDCG at each cutoff, ``train`` excluded."""
+def test_metrics(model, train, test, cutoffs=(20, 50), per_user: dict | None = None) -> dict:
+    """Test recall and NDCG at each cutoff, ``train`` excluded; with ``per_user``, each
+    user's values go there too (for paired tests between runs)."""
     metrics = {}
     for k in cutoffs:
         result = evaluation.ranking_metrics_at_k(model, train, test, K=k)
         metrics[f"recall@{k}"], metrics[f"ndcg@{k}"] = result["recall"], result["ndcg"]
+        if per_user is not None:
+            per_user["user"] = result.per_user["user"]
+            per_user[f"recall@{k}"], per_user[f"ndcg@{k}"] = result.per_user["recall"], result.per_user["ndcg"]
     return metrics
+
+
+def save_per_user(run: dict, out: Path) -> dict:
+    """Moves a run's per-user test metrics into ``out/gowalla_<model>_per_user.npz``."""
+    per_user = run.pop("per_user", None)
+    if per_user:
+        name = run["model"].split(" ")[0]
+        np.savez_compressed(out / f"gowalla_{name}_per_user.npz", **per_user)
+    return run
 
 
 def gowalla_splits(folder: Path):
@@ -151,13 +164,15 @@ def gowalla_ease_refit(split, full_train, device: str, regularization: float) ->
     ease = baselines.EASE(regularization=regularization, device=None if device == "cpu" else device)
     ease.fit(full_train)
     fit_seconds = time.perf_counter() - start
+    per_user: dict = {}
     return {
         "dataset": "gowalla (train + validation -> test)",
         "model": "ease",
         "device": device,
         "params": {"regularization": regularization},
         "refit_seconds": fit_seconds,
-        "test": test_metrics(ease, full_train, split.test),
+        "test": test_metrics(ease, full_train, split.test, per_user=per_user),
+        "per_user": per_user,
     }
 
 
@@ -181,6 +196,7 @@ def gowalla_cml(split, full_train, device: str, tune_budget: float = 0.0, settin
     start = time.perf_counter()
     refit = cml_rs.CML(**{**settings, "epochs": epochs})
     refit.fit(full_train, show_progress=False)
+    per_user: dict = {}
     return {
         "dataset": "gowalla (train + validation -> test)",
         "model": "cml (tune)" if trials else "cml (given settings)",
@@ -193,7 +209,8 @@ def gowalla_cml(split, full_train, device: str, tune_budget: float = 0.0, settin
         "refit_epochs": epochs,
         "refit_seconds": time.perf_counter() - start,
         "test_trained_on_train_only": on_train,
-        "test": test_metrics(refit, full_train, split.test),
+        "test": test_metrics(refit, full_train, split.test, per_user=per_user),
+        "per_user": per_user,
     }
 
 
@@ -267,13 +284,13 @@ def main() -> None:
     out = Path(args.out)
     if args.gowalla_ease_regularization is not None:
         split, full_train = gowalla_splits(Path(args.data) / "gowalla")
-        run = gowalla_ease_refit(split, full_train, args.device, args.gowalla_ease_regularization)
+        run = save_per_user(gowalla_ease_refit(split, full_train, args.device, args.gowalla_ease_regularization), out)
         (out / "gowalla_ease.json").write_text(json.dumps(run, indent=1))
         print(json.dumps(run, indent=1))
         return
     if args.gowalla_cml_settings is not None:
         split, full_train = gowalla_splits(Path(args.data) / "gowalla")
-        run = gowalla_cml(split, full_train, args.device, settings=args.gowalla_cml_settings)
+        run = save_per_user(gowalla_cml(split, full_train, args.device, settings=args.gowalla_cml_settings), out)
         (out / "gowalla_cml.json").write_text(json.dumps(run, indent=1))
         print(json.dumps({k: v for k, v in run.items() if k != "trials"}, indent=1))
         return
@@ -292,7 +309,7 @@ def main() -> None:
     report["training"] = []
 
     def record(run: dict) -> None:
-        report["training"].append(run)
+        report["training"].append(save_per_user(run, out))
         print(json.dumps({k: v for k, v in run.items() if k not in ("validation_curve", "trials")}), flush=True)
         (out / "gpu_results.json").write_text(json.dumps(report, indent=1))
 
