@@ -342,7 +342,7 @@ def fit_cml(variant: str, split: datasets.Split, threads: int, seed: int) -> dic
         result = cml_rs.tune(split.train, validation, budget_seconds=budget, show_progress=False, **options)
         model = result.model
         options = {**result.params, "tune_budget_seconds": budget}
-        extra = {"trials": result.trials}
+        extra = {"trials": result.trials, "converged": result.converged}
     else:
         model = cml_rs.CML(**options)
         model.fit(split.train, validation=validation, show_progress=False)

@@ -81,6 +81,9 @@ def test_tune_searches_and_saves_the_best_model(tmp_path, capsys):
 
     loaded = CML.load(model)
     assert loaded.margin == 0.7 and loaded.factors == 8
+    assert "before early stopping" not in out  # 6 epochs fit in the default budget
+    assert cli.main([*argv, "--budget", "0.01"]) == 0
+    assert "the budget ended the best model's training before early stopping" in capsys.readouterr().out
     fixed_all = ["--margin", "1", "--learning-rate", "0.05", "--negatives", "10", "--lambda-c", "1"]
     assert cli.main([*argv, *fixed_all]) == 2
     assert "nothing to tune" in capsys.readouterr().err

@@ -109,7 +109,9 @@ def test_the_search_repeats_for_a_seed(result, split):
 def test_the_budget_bounds_the_search(split):
     # With the number of configurations left to the budget, a tiny budget
     # still returns a trained model (the defaults among a handful of trials).
-    result = cml_rs.tune(split.train, split.validation, budget_seconds=0.5, show_progress=False, **SMALL)
+    with pytest.warns(UserWarning, match="the budget ran out"):
+        result = cml_rs.tune(split.train, split.validation, budget_seconds=0.5, show_progress=False, **SMALL)
+    assert not result.converged
     assert 1 <= len(result.trials) <= 3 and result.model.item_factors.shape == (300, 16)
     assert np.isfinite(result.model.item_factors).all()
 
@@ -144,6 +146,19 @@ def test_the_winner_trains_to_early_stopping(result):
     best = next(t for t in result.trials if t["outcome"] == "best")
     assert len(result.model.history_) == best["epochs"]
     assert best["epochs"] == SMALL["epochs"] or _recall_stalled(result.model, SMALL["patience"])
+    assert result.converged
+
+
+def test_a_budget_that_cuts_the_winner_short_says_so(split, epoch_clock):
+    # Epochs of 1 s and a budget of 12 s: the search takes about half, and the
+    # winner has a few epochs left, too few for 20 checks of patience or 30 epochs.
+    epoch_clock(lambda epoch: 1.0)
+    options = {**SMALL, "patience": 20, "num_threads": 1}
+    with pytest.warns(UserWarning, match="the budget ran out before the best configuration stopped early"):
+        result = cml_rs.tune(split.train, split.validation, budget_seconds=12, show_progress=False, **options)
+    best = next(t for t in result.trials if t["outcome"] == "best")
+    assert not result.converged and best["epochs"] < options["epochs"]
+    assert not _recall_stalled(result.model, options["patience"])
 
 
 def test_a_slow_first_epoch_does_not_cut_the_winner_short(split, epoch_clock):

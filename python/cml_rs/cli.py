@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -248,19 +249,23 @@ def command_tune(args: argparse.Namespace) -> int:
     space = {name: spec for name, spec in SEARCH_SPACE.items() if name not in fixed}
     if not space:
         raise ValueError("every searched setting is fixed on the command line; there is nothing to tune")
-    result = tune(
-        split.train,
-        split.validation,
-        budget_seconds=args.budget,
-        seed=args.random_state,
-        num_threads=args.num_threads,
-        configurations=args.configurations,
-        space=space,
-        show_progress=not args.no_progress,
-        device=args.device,
-        **fixed,
-    )
+    with warnings.catch_warnings():  # said below, in the command's own words
+        warnings.filterwarnings("ignore", message="tune: the budget ran out", category=UserWarning)
+        result = tune(
+            split.train,
+            split.validation,
+            budget_seconds=args.budget,
+            seed=args.random_state,
+            num_threads=args.num_threads,
+            configurations=args.configurations,
+            space=space,
+            show_progress=not args.no_progress,
+            device=args.device,
+            **fixed,
+        )
     print(f"searched for {result.seconds:.0f}s; trials (best validation recall first):\n{result.table()}")
+    if not result.converged:
+        print("the budget ended the best model's training before early stopping; a larger --budget may score higher")
     table, _ = _metrics_table(result.model, split, [50, 100], args.num_threads)
     print("test metrics of the best model:\n" + table)
     if args.out:

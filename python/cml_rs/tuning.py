@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ class TuneResult:
     trials: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     searched: list[str] = field(default_factory=lambda: list(SEARCH_SPACE))
+    #: Whether the model trained to early stopping (or its epoch cap); False when the
+    #: budget ended its training first, and a fit of ``params`` may then score higher.
+    converged: bool = True
 
     def table(self) -> str:
         """The trials as a markdown table, best validation recall first."""
@@ -229,7 +233,9 @@ def tune(
     Returns
     -------
     TuneResult
-        ``model`` (fitted, best validation recall), ``params``, ``trials`` and ``table()``.
+        ``model`` (fitted, best validation recall), ``params``, ``trials``, ``table()``,
+        and ``converged``: False, with a warning, when the budget ended the best
+        model's training before early stopping did.
     """
     from tqdm.auto import tqdm
 
@@ -307,9 +313,19 @@ def tune(
         if chunk < 1:
             break
         best.train(chunk)
+    converged = best.stopped or best.epochs >= final_epochs
     best.keep_best()
     best.model.epochs = final_epochs
     history.append(best.record("best"))
     params = {**base, **best.params}
     seconds = time.perf_counter() - start
-    return TuneResult(model=best.model, params=params, trials=history, seconds=seconds, searched=list(space))
+    if not converged:
+        warnings.warn(
+            f"tune: the budget ran out before the best configuration stopped early (it trained {best.epochs} "
+            f"of at most {final_epochs} epochs); raise budget_seconds, or fit CML(**result.params) with "
+            "validation to train it to early stopping",
+            stacklevel=2,
+        )
+    return TuneResult(
+        model=best.model, params=params, trials=history, seconds=seconds, searched=list(space), converged=converged
+    )
