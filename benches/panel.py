@@ -339,7 +339,10 @@ def fit_cml(variant: str, split: datasets.Split, threads: int, seed: int) -> dic
     validation = split.validation if split.validation.nnz else None
     start = time.perf_counter()
     if budget is not None:
-        result = cml_rs.tune(split.train, validation, budget_seconds=budget, show_progress=False, **options)
+        tune_options = {k: v for k, v in options.items() if k != "random_state"}
+        result = cml_rs.tune(
+            split.train, validation, budget_seconds=budget, seed=seed, show_progress=False, **tune_options
+        )
         model = result.model
         options = {**result.params, "tune_budget_seconds": budget}
         extra = {"trials": result.trials, "converged": result.converged}

@@ -183,6 +183,8 @@ def test_a_slow_first_epoch_does_not_cut_the_winner_short(split, epoch_clock):
         (dict(configurations=0), ValueError, "configurations must be at least 1"),
         (dict(space={"no_such_setting": [1, 2]}), ValueError, r"space names unknown settings \['no_such_setting'\]"),
         (dict(margin=1.0), ValueError, r"\['margin'\] are both searched and fixed"),
+        # It used to be replaced by seed (0) without a word: the models were not seeded as asked.
+        (dict(random_state=3), ValueError, r"random_state=3 is set by tune's seed; pass seed= instead"),
         (dict(space={"margin": [1.0, -1.0]}), ValueError, "margin must be"),
         (dict(space={"margin": (2.0, 1.0, "log")}), ValueError, r"space\['margin'\] must run from low to high"),
         (dict(space={"margin": {1.0}}), ValueError, r"space\['margin'\] must be a list of choices"),

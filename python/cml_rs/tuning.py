@@ -251,6 +251,9 @@ def tune(
         configurations = check_int(configurations, "configurations", minimum=1, maximum=729)
     space = dict(SEARCH_SPACE if space is None else space)
     _check_space(space)
+    if "random_state" in fixed:
+        # Every trial's model is seeded by ``seed``; a second seed would be overridden.
+        raise ValueError(f"random_state={fixed['random_state']!r} is set by tune's seed; pass seed= instead")
     clash = sorted(set(space) & set(fixed))
     if clash:
         raise ValueError(f"{clash} are both searched and fixed; drop them from space or from the fixed settings")
