@@ -106,11 +106,14 @@ def test_the_search_repeats_for_a_seed(result, split):
     np.testing.assert_array_equal(again.model.item_factors, result.model.item_factors)
 
 
-def test_the_budget_bounds_the_search(split):
-    # With the number of configurations left to the budget, a tiny budget
-    # still returns a trained model (the defaults among a handful of trials).
+def test_the_budget_bounds_the_search(split, epoch_clock):
+    # With the number of configurations left to the budget, a tiny budget (less than
+    # the first rung's 2 epochs of 1 s) still returns a trained model (the defaults
+    # among a handful of trials), and says it could not train it to the end.
+    epoch_clock(lambda epoch: 1.0)
+    options = {**SMALL, "num_threads": 1}
     with pytest.warns(UserWarning, match="the budget ran out"):
-        result = cml_rs.tune(split.train, split.validation, budget_seconds=0.5, show_progress=False, **SMALL)
+        result = cml_rs.tune(split.train, split.validation, budget_seconds=0.5, show_progress=False, **options)
     assert not result.converged
     assert 1 <= len(result.trials) <= 3 and result.model.item_factors.shape == (300, 16)
     assert np.isfinite(result.model.item_factors).all()
