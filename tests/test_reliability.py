@@ -292,6 +292,9 @@ def _rewrite_npz(path: Path, out: Path, meta_edit=None, arrays_edit=None, extra=
         (lambda m: m.update(n_features=4_000_000), None, "projector.hidden.weight' is missing"),
         (lambda m: m.update(history=7), None, "history is not a list"),
         (lambda m: m.update(n_negatives=0), None, "'n_negatives' is 0"),
+        # Fitted with U from the density rule (the setting is None): without the U it
+        # used, fold-in could only guess.
+        (lambda m: m.pop("n_negatives"), None, "the number of negatives its fit sampled is missing"),
     ],
 )
 def test_checksum_valid_nonsense_in_a_model_file_is_refused(model, tmp_path, meta_edit, arrays_edit, message):
@@ -300,6 +303,15 @@ def test_checksum_valid_nonsense_in_a_model_file_is_refused(model, tmp_path, met
     broken = _rewrite_npz(path, tmp_path / "broken.npz", meta_edit, arrays_edit)
     with pytest.raises(ValueError, match=message):
         cml_rs.CML.load(broken)
+
+
+def test_a_file_from_before_the_density_rule_keeps_its_negatives(tmp_path):
+    # Such files hold U only as the n_negatives setting, not as the fit's own field.
+    data = datasets.synthetic(n_users=60, n_items=40, n_interactions=600, n_clusters=3, seed=1)
+    fitted = cml_rs.CML(factors=4, epochs=1, n_negatives=7, num_threads=1).fit(data.user_items, show_progress=False)
+    fitted.save(tmp_path / "model.npz")
+    old = _rewrite_npz(tmp_path / "model.npz", tmp_path / "old.npz", lambda m: m.pop("n_negatives"))
+    assert cml_rs.CML.load(old).n_negatives_ == 7
 
 
 def test_members_the_format_does_not_define_are_never_read(model, tmp_path):

@@ -428,13 +428,6 @@ def resolve_negatives(model: CollaborativeMetricLearning, train: sp.csr_matrix) 
     return model.n_negatives_
 
 
-def fitted_negatives(model: CollaborativeMetricLearning) -> int:
-    """The U of ``model``'s fit (for fold-in): as resolved, else as set, else the rule's largest."""
-    if model.n_negatives_ is not None:
-        return model.n_negatives_
-    return model.n_negatives if model.n_negatives is not None else AUTO_NEGATIVES[1]
-
-
 def warp_sampler(model: CollaborativeMetricLearning, train: sp.csr_matrix, seed: int | None = None) -> WarpSampler:
     """The WARP sampler of ``train`` with ``model``'s settings (its seed unless ``seed``).
     U is ``model.n_negatives_`` (see :func:`resolve_negatives`) once the fit has set it."""
@@ -675,7 +668,7 @@ def fold_in(
     sampler = WarpSampler(
         train,
         batch_size=model.batch_size,
-        n_negatives=fitted_negatives(model),
+        n_negatives=model.n_negatives_,  # the fit's U (the rule on these few rows would differ)
         seed=model.random_state,
         num_threads=model.num_threads,
     )
