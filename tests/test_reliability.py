@@ -292,9 +292,6 @@ def _rewrite_npz(path: Path, out: Path, meta_edit=None, arrays_edit=None, extra=
         (lambda m: m.update(n_features=4_000_000), None, "projector.hidden.weight' is missing"),
         (lambda m: m.update(history=7), None, "history is not a list"),
         (lambda m: m.update(n_negatives=0), None, "'n_negatives' is 0"),
-        # Fitted with U from the density rule (the setting is None): without the U it
-        # used, fold-in could only guess.
-        (lambda m: m.pop("n_negatives"), None, "the number of negatives its fit sampled is missing"),
     ],
 )
 def test_checksum_valid_nonsense_in_a_model_file_is_refused(model, tmp_path, meta_edit, arrays_edit, message):
@@ -312,6 +309,20 @@ def test_a_file_from_before_the_density_rule_keeps_its_negatives(tmp_path):
     fitted.save(tmp_path / "model.npz")
     old = _rewrite_npz(tmp_path / "model.npz", tmp_path / "old.npz", lambda m: m.pop("n_negatives"))
     assert cml_rs.CML.load(old).n_negatives_ == 7
+
+
+def test_fold_in_without_a_known_negatives_count_says_what_to_set(model, tmp_path):
+    # A fitted file that holds neither the U of its fit nor a setting (written by hand)
+    # loads and ranks; fold-in, which must sample that U, asks for it instead of guessing.
+    model.save(tmp_path / "model.npz")
+    bare = _rewrite_npz(tmp_path / "model.npz", tmp_path / "bare.npz", lambda m: m.pop("n_negatives"))
+    loaded = cml_rs.CML.load(bare)
+    rows = sp.csr_matrix(([1.0, 1.0], ([0, 0], [3, 5])), shape=(1, loaded.n_items), dtype=np.float32)
+    assert len(loaded.recommend(0, rows, N=3)[0]) == 3
+    with pytest.raises(ValueError, match="set its n_negatives to fold in"):
+        loaded.recommend(0, rows, N=3, recalculate_user=True)
+    loaded.n_negatives = 5
+    assert len(loaded.recommend(0, rows, N=3, recalculate_user=True)[0]) == 3
 
 
 def test_members_the_format_does_not_define_are_never_read(model, tmp_path):

@@ -739,8 +739,6 @@ class CollaborativeMetricLearning:
                 return model
             # The U the fit used (files before the density rule hold it only as a setting).
             model.n_negatives_ = meta_int(meta, "n_negatives", source, minimum=1, optional=True) or model.n_negatives
-            if model.n_negatives_ is None:
-                raise ValueError(f"{source}: the number of negatives its fit sampled is missing; the file is damaged")
             n_users, n_items = meta_int(meta, "n_users", source), meta_int(meta, "n_items", source)
             users = reader.array("user_factors", (n_users, model.factors), np.float32)
             items = reader.array("item_factors", (n_items, model.factors), np.float32)

@@ -665,10 +665,16 @@ def fold_in(
         train.eliminate_zeros()
         if train.nnz == 0:
             return vectors.detach()
+    # The fit's U: the density rule on these few rows would give another.
+    n_negatives = model.n_negatives_ or model.n_negatives
+    if n_negatives is None:
+        raise ValueError(
+            "this model does not record how many negatives (U) its fit sampled; set its n_negatives to fold in"
+        )
     sampler = WarpSampler(
         train,
         batch_size=model.batch_size,
-        n_negatives=model.n_negatives_,  # the fit's U (the rule on these few rows would differ)
+        n_negatives=n_negatives,
         seed=model.random_state,
         num_threads=model.num_threads,
     )
