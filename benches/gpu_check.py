@@ -176,12 +176,25 @@ def gowalla_ease_refit(split, full_train, device: str, regularization: float) ->
     }
 
 
-def gowalla_cml(split, full_train, device: str, tune_budget: float = 0.0, settings: dict | None = None) -> dict:
+def gowalla_cml(
+    split,
+    full_train,
+    device: str,
+    tune_budget: float = 0.0,
+    settings: dict | None = None,
+    refit_epochs: int | None = None,
+) -> dict:
     """CML on Gowalla: ``settings`` (or, without them, ``cml_rs.tune`` for ``tune_budget``
     seconds) trained on train to early stopping on validation recall@20, then refit on
-    train + validation for the same number of epochs and scored on test."""
+    train + validation for the same number of epochs and scored on test. Given
+    ``refit_epochs`` (the epoch count an earlier run of these settings chose on
+    validation), only the refit runs."""
     start = time.perf_counter()
     fixed = {"device": device, "batch_size": 8192, "eval_k": 20}
+    if refit_epochs is not None:
+        if settings is None:
+            raise ValueError("refit_epochs needs the settings whose validation run chose it")
+        return cml_refit(split, full_train, {**fixed, **settings}, refit_epochs, {"model": "cml (given settings)"})
     if settings is None:
         result = cml_rs.tune(split.train, split.validation, budget_seconds=tune_budget, show_progress=False, **fixed)
         model, trials = result.model, result.trials
@@ -190,25 +203,31 @@ def gowalla_cml(split, full_train, device: str, tune_budget: float = 0.0, settin
         settings = {**fixed, **settings}
         model, trials = cml_rs.CML(**settings), []
         model.fit(split.train, validation=split.validation, show_progress=False)
-    search_seconds = time.perf_counter() - start
-    epochs = model.best_epoch_ + 1
-    on_train = test_metrics(model, full_train, split.test)
+    search = {
+        "model": "cml (tune)" if trials else "cml (given settings)",
+        "tune_budget_seconds": tune_budget if trials else None,
+        "search_seconds": time.perf_counter() - start,
+        "validation_recall@20": max(h.get("recall@20", 0.0) for h in model.history_),
+        "trials": trials,
+        "test_trained_on_train_only": test_metrics(model, full_train, split.test),
+    }
+    return cml_refit(split, full_train, settings, model.best_epoch_ + 1, search)
+
+
+def cml_refit(split, full_train, settings: dict, epochs: int, search: dict) -> dict:
+    """CML with settings and an epoch count chosen on validation (``search`` says how),
+    fit on train + validation and scored once on test."""
     start = time.perf_counter()
     refit = cml_rs.CML(**{**settings, "epochs": epochs})
     refit.fit(full_train, show_progress=False)
     per_user: dict = {}
     return {
         "dataset": "gowalla (train + validation -> test)",
-        "model": "cml (tune)" if trials else "cml (given settings)",
-        "device": device,
+        "device": settings["device"],
         "params": settings,
-        "tune_budget_seconds": tune_budget if trials else None,
-        "search_seconds": search_seconds,
-        "validation_recall@20": max(h.get("recall@20", 0.0) for h in model.history_),
-        "trials": trials,
+        **search,
         "refit_epochs": epochs,
         "refit_seconds": time.perf_counter() - start,
-        "test_trained_on_train_only": on_train,
         "test": test_metrics(refit, full_train, split.test, per_user=per_user),
         "per_user": per_user,
     }
@@ -280,6 +299,12 @@ def main() -> None:
         default=None,
         help="only refit EASE with this regularisation (chosen on validation) on Gowalla and score it (any device)",
     )
+    parser.add_argument(
+        "--gowalla-refit-epochs",
+        type=int,
+        default=None,
+        help="with --gowalla-cml-settings: the epochs an earlier run of them chose on validation; only refit",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     if args.gowalla_ease_regularization is not None:
@@ -290,7 +315,16 @@ def main() -> None:
         return
     if args.gowalla_cml_settings is not None:
         split, full_train = gowalla_splits(Path(args.data) / "gowalla")
-        run = save_per_user(gowalla_cml(split, full_train, args.device, settings=args.gowalla_cml_settings), out)
+        run = save_per_user(
+            gowalla_cml(
+                split,
+                full_train,
+                args.device,
+                settings=args.gowalla_cml_settings,
+                refit_epochs=args.gowalla_refit_epochs,
+            ),
+            out,
+        )
         (out / "gowalla_cml.json").write_text(json.dumps(run, indent=1))
         print(json.dumps({k: v for k, v in run.items() if k != "trials"}, indent=1))
         return

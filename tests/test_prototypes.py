@@ -12,6 +12,7 @@ import scipy.sparse as sp
 import torch
 from conftest import REPO_ROOT
 
+import cml_rs
 from cml_rs import baselines, datasets, evaluation, nn
 
 sys.path.insert(0, str(REPO_ROOT / "benches"))
@@ -98,3 +99,23 @@ def test_one_vector_per_user_keeps_cmls_distances():
     positive, negative = embedding.distances(users, items, negatives)
     torch.testing.assert_close(model.nearest_distances(users, items), positive)
     torch.testing.assert_close(model.negative_distances(users, negatives), negative, rtol=1e-5, atol=1e-6)
+
+
+def test_the_gowalla_refit_trains_the_given_epochs_on_train_plus_validation_and_keeps_per_user_metrics():
+    # benches/gpu_check.py's refit-only path (--gowalla-refit-epochs), on a synthetic split:
+    # the figure it reports is a model fit on train + validation for exactly the epochs an
+    # earlier validation run chose, scored on test with train + validation excluded.
+    gpu_check = pytest.importorskip("gpu_check")
+    data = datasets.synthetic(n_users=120, n_items=80, n_interactions=2400, n_clusters=4, seed=2)
+    split = datasets.split_paper(data.user_items, seed=0)
+    full_train = (split.train + split.validation).tocsr()
+    settings = {"factors": 8, "random_state": 0, "num_threads": 1, "n_negatives": 5}
+    run = gpu_check.gowalla_cml(split, full_train, "cpu", settings=settings, refit_epochs=3)
+    assert run["refit_epochs"] == 3 and "test_trained_on_train_only" not in run
+    refit = cml_rs.CML(**{**settings, "device": "cpu", "batch_size": 8192, "eval_k": 20, "epochs": 3})
+    refit.fit(full_train, show_progress=False)
+    expected = evaluation.ranking_metrics_at_k(refit, full_train, split.test, K=20)
+    assert run["test"]["recall@20"] == pytest.approx(expected["recall"])
+    np.testing.assert_allclose(run["per_user"]["recall@20"], expected.per_user["recall"])
+    with pytest.raises(ValueError, match="settings"):
+        gpu_check.gowalla_cml(split, full_train, "cpu", refit_epochs=3)
