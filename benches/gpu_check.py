@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 import cml_rs
 from cml_rs import baselines, datasets, evaluation, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from panel import grid_search
+from panel import fit_baseline, grid_search
 
 
 def check_rank_weights(device: torch.device) -> dict:
@@ -144,7 +145,7 @@ def gowalla_against_literature(folder: Path, device: str, tune_budget: float, re
 
     start = time.perf_counter()
     search = grid_search({"regularization": [100.0, 300.0, 1000.0, 3000.0]}, ease_score)
-    run = gowalla_ease_refit(split, full_train, device, search["params"]["regularization"])
+    run = gowalla_baseline_refit(split, full_train, device, "ease", search["params"])
     run.update(
         {
             "validation_recall@20": search["validation"],
@@ -157,21 +158,29 @@ def gowalla_against_literature(folder: Path, device: str, tune_budget: float, re
     record(gowalla_cml(split, full_train, device, tune_budget=tune_budget))
 
 
-def gowalla_ease_refit(split, full_train, device: str, regularization: float) -> dict:
-    """EASE with a regularisation chosen on validation, fit on train + validation and
-    scored once on test."""
+#: The panel's baselines that can be refit without validation (LightFM and SFCML pick
+#: their epochs on it inside the fit).
+REFIT_FAMILIES = ("popularity", "ease", "rp3beta", "wrmf", "bpr")
+
+
+def gowalla_baseline_refit(split, full_train, device: str, family: str, params: dict) -> dict:
+    """A panel baseline (one of ``REFIT_FAMILIES``) with settings chosen on validation,
+    fit on train + validation and scored once on test; EASE runs on ``device``."""
     start = time.perf_counter()
-    ease = baselines.EASE(regularization=regularization, device=None if device == "cpu" else device)
-    ease.fit(full_train)
+    if family == "ease":
+        model = baselines.EASE(**params, device=None if device == "cpu" else device).fit(full_train)
+    else:
+        refit_split = datasets.Split(full_train, sp.csr_matrix(full_train.shape, dtype=np.float32), split.test, 0)
+        model = fit_baseline(family, refit_split, params, threads=torch.get_num_threads(), seed=0)
     fit_seconds = time.perf_counter() - start
     per_user: dict = {}
     return {
         "dataset": "gowalla (train + validation -> test)",
-        "model": "ease",
-        "device": device,
-        "params": {"regularization": regularization},
+        "model": family,
+        "device": device if family == "ease" else "cpu",
+        "params": params,
         "refit_seconds": fit_seconds,
-        "test": test_metrics(ease, full_train, split.test, per_user=per_user),
+        "test": test_metrics(model, full_train, split.test, per_user=per_user),
         "per_user": per_user,
     }
 
@@ -294,10 +303,12 @@ def main() -> None:
         help="JSON of CML settings (e.g. a tune run's): only fit them on Gowalla, refit and score (any device)",
     )
     parser.add_argument(
-        "--gowalla-ease-regularization",
-        type=float,
+        "--gowalla-baseline",
+        nargs=2,
+        metavar=("FAMILY", "SETTINGS"),
         default=None,
-        help="only refit EASE with this regularisation (chosen on validation) on Gowalla and score it (any device)",
+        help="only refit this panel baseline with these JSON settings (chosen on validation, e.g. by "
+        "panel.py on gowalla) on train + validation and score it on test (EASE on any device)",
     )
     parser.add_argument(
         "--gowalla-refit-epochs",
@@ -307,10 +318,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     out = Path(args.out)
-    if args.gowalla_ease_regularization is not None:
+    if args.gowalla_baseline is not None:
+        family, settings = args.gowalla_baseline[0], json.loads(args.gowalla_baseline[1])
+        if family not in REFIT_FAMILIES:
+            parser.error(f"--gowalla-baseline: {family!r} is not one of {REFIT_FAMILIES}")
         split, full_train = gowalla_splits(Path(args.data) / "gowalla")
-        run = save_per_user(gowalla_ease_refit(split, full_train, args.device, args.gowalla_ease_regularization), out)
-        (out / "gowalla_ease.json").write_text(json.dumps(run, indent=1))
+        run = save_per_user(gowalla_baseline_refit(split, full_train, args.device, family, settings), out)
+        (out / f"gowalla_{family}.json").write_text(json.dumps(run, indent=1))
         print(json.dumps(run, indent=1))
         return
     if args.gowalla_cml_settings is not None:

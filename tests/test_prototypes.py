@@ -119,3 +119,23 @@ def test_the_gowalla_refit_trains_the_given_epochs_on_train_plus_validation_and_
     np.testing.assert_allclose(run["per_user"]["recall@20"], expected.per_user["recall"])
     with pytest.raises(ValueError, match="settings"):
         gpu_check.gowalla_cml(split, full_train, "cpu", refit_epochs=3)
+
+
+def test_the_gowalla_baseline_refit_fits_on_train_plus_validation():
+    # --gowalla-baseline: a panel baseline refit on train + validation, scored on test with
+    # both excluded, per-user values kept for the paired test against CML's refit.
+    gpu_check = pytest.importorskip("gpu_check")
+    data = datasets.synthetic(n_users=120, n_items=80, n_interactions=2400, n_clusters=4, seed=3)
+    split = datasets.split_paper(data.user_items, seed=0)
+    full_train = (split.train + split.validation).tocsr()
+    params = {"alpha": 1.0, "beta": 0.3, "top_k": 20, "normalize": True}
+    run = gpu_check.gowalla_baseline_refit(split, full_train, "cpu", "rp3beta", params)
+    expected = evaluation.ranking_metrics_at_k(
+        baselines.RP3beta(**params).fit(full_train), full_train, split.test, K=50
+    )
+    on_train_only = evaluation.ranking_metrics_at_k(
+        baselines.RP3beta(**params).fit(split.train), full_train, split.test, K=50
+    )
+    assert run["model"] == "rp3beta" and run["test"]["recall@50"] == pytest.approx(expected["recall"])
+    assert run["test"]["recall@50"] != pytest.approx(on_train_only["recall"])
+    np.testing.assert_allclose(run["per_user"]["recall@50"], expected.per_user["recall"])
