@@ -120,6 +120,41 @@ def save_per_user(run: dict, out: Path) -> dict:
     return run
 
 
+def gowalla_report(folder: Path, reference: str = "cml", metrics=("recall@20", "ndcg@20", "recall@50")) -> str:
+    """The Gowalla refits stored in ``folder`` (``gowalla_<model>.json`` and its per-user
+    file): each metric's mean and, against ``reference``, the relative difference and the
+    paired Wilcoxon p over test users."""
+    from scipy import stats
+
+    runs = {}
+    for path in sorted(folder.glob("gowalla_*_per_user.npz")):
+        name = path.name.removeprefix("gowalla_").removesuffix("_per_user.npz")
+        with np.load(path) as arrays:
+            runs[name] = {key: arrays[key] for key in arrays.files}
+        runs[name]["params"] = json.loads((folder / f"gowalla_{name}.json").read_text())["params"]
+    if reference not in runs:
+        raise SystemExit(f"no gowalla_{reference}_per_user.npz in {folder}")
+    ours = runs[reference]
+    lines = [
+        "| model | " + " | ".join(f"{m} (vs {reference}, p)" for m in metrics) + " | settings |",
+        "|---|" + "---|" * (len(metrics) + 1),
+    ]
+    for name, run in sorted(runs.items(), key=lambda item: -item[1][metrics[0]].mean()):
+        if not np.array_equal(run["user"], ours["user"]):
+            raise SystemExit(f"gowalla_{name} scored other test users than gowalla_{reference}")
+        cells = []
+        for metric in metrics:
+            mean = run[metric].mean()
+            if name == reference:
+                cells.append(f"{mean:.4f}")
+                continue
+            p = stats.wilcoxon(run[metric], ours[metric]).pvalue if np.any(run[metric] != ours[metric]) else 1.0
+            cells.append(f"{mean:.4f} ({mean / ours[metric].mean() - 1:+.1%}, {p:.2g})")
+        settings = {k: v for k, v in run["params"].items() if k not in ("device", "num_threads")}
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {settings} |")
+    return "\n".join(lines)
+
+
 def gowalla_splits(folder: Path):
     """Gowalla's shipped split, and train + validation: the published training set."""
     split = datasets.load_gowalla(folder).given_split
@@ -290,7 +325,7 @@ def synthetic_epoch(device: str, epochs: int = 2) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", required=True, help="folder holding citeulike-t/")
+    parser.add_argument("--data", help="folder holding citeulike-t/ and gowalla/ (all but --gowalla-report)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--cpu-epochs", type=int, default=4, help="epochs of the CPU reference run")
     parser.add_argument("--device", default="cuda", help="cpu for a local smoke run of this script")
@@ -316,8 +351,18 @@ def main() -> None:
         default=None,
         help="with --gowalla-cml-settings: the epochs an earlier run of them chose on validation; only refit",
     )
+    parser.add_argument(
+        "--gowalla-report",
+        action="store_true",
+        help="print the table of the Gowalla refits stored in --out, with paired tests against CML, and exit",
+    )
     args = parser.parse_args()
     out = Path(args.out)
+    if args.gowalla_report:
+        print(gowalla_report(out))
+        return
+    if args.data is None:
+        parser.error("--data is required")
     if args.gowalla_baseline is not None:
         family, settings = args.gowalla_baseline[0], json.loads(args.gowalla_baseline[1])
         if family not in REFIT_FAMILIES:

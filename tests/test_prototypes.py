@@ -139,3 +139,21 @@ def test_the_gowalla_baseline_refit_fits_on_train_plus_validation():
     assert run["model"] == "rp3beta" and run["test"]["recall@50"] == pytest.approx(expected["recall"])
     assert run["test"]["recall@50"] != pytest.approx(on_train_only["recall"])
     np.testing.assert_allclose(run["per_user"]["recall@50"], expected.per_user["recall"])
+
+
+def test_the_gowalla_report_pairs_each_refit_with_cmls_users(tmp_path):
+    gpu_check = pytest.importorskip("gpu_check")
+    users = np.arange(40)
+    cml = np.linspace(0.0, 1.0, 40)
+    for name, values in (("cml", cml), ("ease", cml * 0.5)):
+        gpu_check.save_per_user(
+            {"model": name, "params": {"regularization": 1.0}, "per_user": {"user": users, "recall@20": values}},
+            tmp_path,
+        )
+        (tmp_path / f"gowalla_{name}.json").write_text('{"params": {"regularization": 1.0}}')
+    table = gpu_check.gowalla_report(tmp_path, metrics=("recall@20",))
+    ease_row = next(line for line in table.splitlines() if line.startswith("| ease"))
+    assert "0.2500 (-50.0%, " in ease_row and table.index("| cml") < table.index("| ease")
+    np.savez(tmp_path / "gowalla_ease_per_user.npz", user=users[::-1], **{"recall@20": cml})
+    with pytest.raises(SystemExit, match="other test users"):
+        gpu_check.gowalla_report(tmp_path, metrics=("recall@20",))
