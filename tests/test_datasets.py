@@ -234,6 +234,33 @@ def test_split_drops_explicit_zeros():
     assert split.train.nnz + split.validation.nnz + split.test.nnz == np.count_nonzero(matrix.data)
 
 
+def test_fold_in_and_cold_start_splits_keep_values_and_drop_stored_zeros():
+    matrix = random_interactions(n_users=30, n_items=40, per_user=8, seed=1)
+    weighted = matrix.copy()
+    weighted.data = np.arange(1, weighted.nnz + 1, dtype=np.float32)
+    weighted.data[::7] = 0.0  # stored, but not interactions
+    interactions = weighted.copy()
+    interactions.eliminate_zeros()
+
+    fold_in = datasets.split_fold_in_users(weighted, fraction=0.2, seed=4)
+    binary = datasets.split_fold_in_users(interactions.astype(bool).astype(np.float32), fraction=0.2, seed=4)
+    held = interactions[fold_in.users]
+    assert (fold_in.fold + fold_in.test != held).nnz == 0  # every value where it was
+    others = np.setdiff1d(np.arange(weighted.shape[0]), fold_in.users)
+    assert fold_in.train[fold_in.users].nnz == 0 and (fold_in.train[others] != interactions[others]).nnz == 0
+    np.testing.assert_array_equal(fold_in.users, binary.users)  # the same draws, values or not
+    for name in ("fold", "test"):
+        assert (getattr(fold_in, name).astype(bool) != getattr(binary, name).astype(bool)).nnz == 0
+
+    cold = datasets.split_cold_items(weighted, fraction=0.25, seed=5)
+    assert (cold.train + cold.test != interactions).nnz == 0
+    assert cold.train[:, cold.cold_items].nnz == 0
+    assert np.all(np.isin(cold.test.indices, cold.cold_items))
+    for split in (datasets.split_fold_in_users, datasets.split_cold_items):
+        with pytest.raises(ValueError, match="no interactions"):
+            split(sp.csr_matrix((3, 3), dtype=np.float32))
+
+
 def test_split_rejects_bad_input():
     with pytest.raises(ValueError, match="no interactions"):
         datasets.split_paper(sp.csr_matrix((3, 3)))

@@ -915,20 +915,36 @@ def split_cold_items(user_items: Any, fraction: float = 0.2, seed: int = 0) -> C
     A model trains on ``train`` (the other items), gets the cold items' vectors
     from their features only, and is scored by ranking the cold items for the
     users who interacted with them (``ranking_metrics_at_k(..., items=split.cold_items)``).
+    Values (confidence weights) are kept in both parts, as :func:`split_paper` keeps them.
     """
-    matrix = sp.csr_matrix(as_csr(user_items, "user_items"), dtype=np.float32)
+    matrix = _interactions(user_items)
     if not (isinstance(fraction, numbers.Real) and 0 < fraction < 1):
         raise ValueError(f"fraction must be between 0 and 1 (exclusive), got {fraction}")
     n_items = matrix.shape[1]
     rng = np.random.default_rng(seed)
     cold = np.sort(rng.choice(n_items, max(1, round(fraction * n_items)), replace=False))
-    is_cold = np.zeros(n_items, dtype=bool)
-    is_cold[cold] = True
-    coo = matrix.tocoo()
-    held = is_cold[coo.col]
-    train = _binary(coo.row[~held], coo.col[~held], matrix.shape)
-    test = _binary(coo.row[held], coo.col[held], matrix.shape)
+    is_cold = np.zeros(n_items, dtype=np.float32)
+    is_cold[cold] = 1.0
+    train = _dropped_zeros(matrix @ sp.diags(1.0 - is_cold))
+    test = _dropped_zeros(matrix @ sp.diags(is_cold))
     return ColdStartSplit(train=train, test=test, cold_items=cold, seed=seed)
+
+
+def _interactions(user_items: Any) -> sp.csr_matrix:
+    """``user_items`` as float32 CSR with duplicates summed and stored zeros dropped (they
+    are not interactions); refuses a matrix with none."""
+    matrix = as_csr(user_items, "user_items").astype(np.float32)
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    if matrix.nnz == 0:
+        raise ValueError("user_items holds no interactions; there is nothing to split")
+    return matrix
+
+
+def _dropped_zeros(matrix: sp.spmatrix) -> sp.csr_matrix:
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    matrix.eliminate_zeros()
+    return matrix
 
 
 @dataclass
@@ -946,9 +962,9 @@ class FoldInSplit:
 def split_fold_in_users(user_items: Any, fraction: float = 0.1, seed: int = 0, min_items: int = 4) -> FoldInSplit:
     """Holds out ``fraction`` of the users with at least ``min_items`` items (seeded): each
     one's items are shuffled, half go to ``fold`` and half to ``test``; ``train`` keeps
-    everyone else. ``fold`` and ``test`` have one row per held-out user, in ``users`` order."""
-    matrix = sp.csr_matrix(as_csr(user_items, "user_items"), dtype=np.float32)
-    matrix.sum_duplicates()
+    everyone else. ``fold`` and ``test`` have one row per held-out user, in ``users`` order.
+    Values (confidence weights) are kept in every part, as :func:`split_paper` keeps them."""
+    matrix = _interactions(user_items)
     if not (isinstance(fraction, numbers.Real) and 0 < fraction < 1):
         raise ValueError(f"fraction must be between 0 and 1 (exclusive), got {fraction}")
     rng = np.random.default_rng(seed)
@@ -958,21 +974,23 @@ def split_fold_in_users(user_items: Any, fraction: float = 0.1, seed: int = 0, m
     users = np.sort(rng.choice(eligible, max(1, round(fraction * len(eligible))), replace=False))
     held = np.zeros(matrix.shape[0], dtype=bool)
     held[users] = True
-    keep = sp.diags((~held).astype(np.float32)) @ matrix
-    keep.eliminate_zeros()
+    keep = _dropped_zeros(sp.diags((~held).astype(np.float32)) @ matrix)
     fold_rows, test_rows = [], []
     for user in users:
-        items = rng.permutation(matrix.indices[matrix.indptr[user] : matrix.indptr[user + 1]])
-        half = len(items) // 2
-        fold_rows.append(np.sort(items[:half]))
-        test_rows.append(np.sort(items[half:]))
+        entries = np.arange(matrix.indptr[user], matrix.indptr[user + 1])
+        shuffled = rng.permutation(matrix.indices[entries])  # the draws of the binary version
+        half = len(shuffled) // 2
+        in_fold = np.isin(matrix.indices[entries], shuffled[:half])
+        fold_rows.append(entries[in_fold])
+        test_rows.append(entries[~in_fold])
 
     def rows(parts: list[np.ndarray]) -> sp.csr_matrix:
         indptr = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
-        indices = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(len(parts), matrix.shape[1]))
+        entries = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        shape = (len(parts), matrix.shape[1])
+        return sp.csr_matrix((matrix.data[entries], matrix.indices[entries], indptr), shape=shape)
 
-    return FoldInSplit(train=sp.csr_matrix(keep), fold=rows(fold_rows), test=rows(test_rows), users=users, seed=seed)
+    return FoldInSplit(train=keep, fold=rows(fold_rows), test=rows(test_rows), users=users, seed=seed)
 
 
 def split_paper(
