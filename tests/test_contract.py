@@ -286,6 +286,41 @@ def test_partial_fit_grows_the_model_with_implicits_semantics(board):
     assert near[0] == N_USERS and np.all(near[1:] % 2 == 0)
 
 
+def test_fold_in_draws_positives_by_their_values_as_the_fit_does(fitted_cml):
+    # A newcomer whose even items carry weight 3 and odd items 0 (known, never drawn):
+    # folded in like the fit trains, it is pulled to the even items only; a binary model
+    # draws both halves alike and lands between them.
+    items = np.arange(2, N_USERS)
+    values = np.where(items % 2 == 0, 3.0, 0.0).astype(np.float32)
+    row = sp.csr_matrix((values, (np.zeros(len(items), dtype=np.int64), items)), shape=(1, N_USERS))
+    gaps = {}
+    for binary in (False, True):
+        model = pickle.loads(pickle.dumps(fitted_cml))
+        model.binary = binary
+        model.partial_fit_users([N_USERS], row)
+        distances = ((model.item_factors - model.user_factors[N_USERS]) ** 2).sum(axis=1)
+        gaps[binary] = distances[3::2].mean() / distances[2::2].mean()
+        if not binary:
+            ids, _ = model.recommend(N_USERS, row, N=1)
+            assert ids[0] == 0  # the one even item it has not stored
+    assert gaps[False] > 1.5 and gaps[True] < 1.2
+
+
+def test_fold_in_of_rows_whose_values_are_all_zero_keeps_their_centroid(fitted_cml):
+    model = pickle.loads(pickle.dumps(fitted_cml))
+    row = sp.csr_matrix((np.zeros(3, np.float32), ([0, 0, 0], [2, 4, 6])), shape=(1, N_USERS))
+    model.partial_fit_users([N_USERS], row)
+    np.testing.assert_allclose(model.user_factors[N_USERS], model.item_factors[[2, 4, 6]].mean(axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["users", "items"])
+def test_fold_in_refuses_negative_values(fitted_cml, side):
+    row = sp.csr_matrix(np.where(np.arange(N_USERS) == 4, -1.0, 0.0)[None, :].astype(np.float32))
+    name = "user_items" if side == "users" else "item_users"
+    with pytest.raises(ValueError, match=f"{name} holds negative values"):
+        getattr(fitted_cml, f"partial_fit_{side}")([0], row)
+
+
 @pytest.mark.parametrize(
     ("ids", "error", "message"),
     [

@@ -644,8 +644,16 @@ def fold_in(
     negatives drawn from the other side: ``epochs`` passes (default
     ``fold_in_epochs``) of AdaGrad over its interactions, then clipped to the
     ball. Rows without interactions stay at the centroid of the other side.
-    The covariance term is left out: a few rows barely move it.
+    Unless the model is ``binary``, interactions are drawn in proportion to
+    ``log(1 + value)``, as in the fit (rows whose values are all 0 stay where
+    they start). The covariance term is left out: a few rows barely move it.
     """
+    if interactions.nnz and interactions.data.min() < 0:
+        name = "user_items" if side == "users" else "item_users"
+        raise ValueError(
+            f"{name} holds negative values (as low as {interactions.data.min()}); implicit feedback and "
+            f"confidence weights are >= 0 (drop or zero the negative entries)"
+        )
     epochs = model.fold_in_epochs if epochs is None else epochs
     others = (model.embedding_.items if side == "users" else model.embedding_.users).detach()
     n_rows = interactions.shape[0]
@@ -658,13 +666,18 @@ def fold_in(
     if interactions.nnz == 0 or epochs == 0:
         return vectors.detach()
     # A row that holds every column has no negative: its centroid is all there is to learn.
-    full = np.diff(interactions.indptr) >= interactions.shape[1]
+    lengths = np.diff(interactions.indptr)
+    full = lengths >= interactions.shape[1]
     train = interactions.copy()
-    if full.any():
-        train = sp.diags((~full).astype(np.float32)) @ train
-        train.eliminate_zeros()
+    if full.any():  # emptied; stored zeros elsewhere stay (known items, never negatives)
+        kept = np.repeat(~full, lengths)
+        indptr = np.concatenate([[0], np.cumsum(np.where(full, 0, lengths))])
+        train = sp.csr_matrix((train.data[kept], train.indices[kept], indptr), shape=train.shape)
         if train.nnz == 0:
             return vectors.detach()
+    weighted = not model.binary
+    if weighted and not train.data.any():
+        return vectors.detach()  # no pair would be drawn
     # The fit's U: the density rule on these few rows would give another.
     n_negatives = model.n_negatives_ or model.n_negatives
     if n_negatives is None:
@@ -677,6 +690,7 @@ def fold_in(
         n_negatives=n_negatives,
         seed=model.random_state,
         num_threads=model.num_threads,
+        weighted=weighted,
     )
     # The rows being learned play the users' part and the frozen other side the
     # items' (the loss is symmetric), so the cheap WARP path serves both sides.
