@@ -9,6 +9,11 @@ validation (the published training set) and scored once on test.
 Results are written after every step, so a run cut short still reports.
 
 Run (on the GPU machine): python benches/gpu_check.py --data DIR --out DIR
+
+The Gowalla refits also run alone, on any device, each storing its per-user test
+metrics: --gowalla-cml-settings (with --gowalla-refit-epochs to skip the
+validation run) and --gowalla-baseline FAMILY SETTINGS; --gowalla-report then
+sets them side by side with paired tests against CML.
 """
 
 from __future__ import annotations
