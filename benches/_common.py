@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import scipy.sparse as sp
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
@@ -143,4 +144,13 @@ def uniform_unit_vectors(n: int, dim: int = 100, seed: int = 0) -> np.ndarray:
         stop = min(n, start + 100_000)
         x = rng.standard_normal((stop - start, dim))
         out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def recall_of_lists(ids: np.ndarray, test: sp.csr_matrix, k: int) -> np.ndarray:
+    """Per-user recall@k of recommended id lists (one row per user) against ``test`` rows."""
+    out = np.zeros(test.shape[0])
+    for row in range(test.shape[0]):
+        truth = test.indices[test.indptr[row] : test.indptr[row + 1]]
+        out[row] = np.isin(ids[row, :k], truth).sum() / len(truth)
     return out

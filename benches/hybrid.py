@@ -50,7 +50,7 @@ import cml_rs
 from cml_rs import baselines, datasets, evaluation
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import OUT_DIR, machine, table
+from _common import OUT_DIR, machine, recall_of_lists, table
 from panel import BOUNDS, LightFMWarp, _beyond, grid_search
 
 HYBRID_DIR = OUT_DIR / "hybrid"
@@ -372,15 +372,6 @@ class _ColdScores(baselines.ScoringRecommender):
 # ---------------------------------------------------------------------- 4. fold-in
 
 ALS_CITEULIKE = {"factors": 100, "regularization": 30.0, "alpha": 100.0, "iterations": 20}
-
-
-def recall_of_lists(ids: np.ndarray, test: sp.csr_matrix, k: int) -> np.ndarray:
-    """Per-user recall@k of recommended id lists (one row per user) against ``test`` rows."""
-    out = np.zeros(test.shape[0])
-    for row in range(test.shape[0]):
-        truth = test.indices[test.indptr[row] : test.indptr[row + 1]]
-        out[row] = np.isin(ids[row, :k], truth).sum() / len(truth)
-    return out
 
 
 def run_fold_in(seeds: list[int], threads: int) -> None:

@@ -34,7 +34,7 @@ import cml_rs
 from cml_rs import datasets, evaluation
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import report, table
+from _common import recall_of_lists, report, table
 
 LIKED = 4.0
 
@@ -121,10 +121,7 @@ def fold_in_with_values(user_items: sp.csr_matrix, seeds: list[int], threads: in
         recalls = {}
         for name, fold in (("values", split.fold), ("dropped", split.fold.astype(bool).astype(np.float32))):
             ids, _ = model.recommend(split.users, fold, N=50, recalculate_user=True)
-            hits = [
-                np.isin(ids[u], truth.indices[truth.indptr[u] : truth.indptr[u + 1]]).sum() for u in range(len(ids))
-            ]
-            recalls[name] = (np.asarray(hits) / np.maximum(np.diff(truth.indptr), 1))[scored]
+            recalls[name] = recall_of_lists(ids[scored], truth[scored], 50)
         difference = recalls["values"] - recalls["dropped"]
         p_value = stats.wilcoxon(recalls["values"], recalls["dropped"]).pvalue if np.any(difference) else 1.0
         paired = {"mean_difference": float(difference.mean()), "wilcoxon_p": float(p_value)}
