@@ -129,8 +129,6 @@ def gowalla_report(folder: Path, reference: str = "cml", metrics=("recall@20", "
     """The Gowalla refits stored in ``folder`` (``gowalla_<model>.json`` and its per-user
     file): each metric's mean and, against ``reference``, the relative difference and the
     paired Wilcoxon p over test users."""
-    from scipy import stats
-
     runs = {}
     for path in sorted(folder.glob("gowalla_*_per_user.npz")):
         name = path.name.removeprefix("gowalla_").removesuffix("_per_user.npz")
@@ -153,7 +151,7 @@ def gowalla_report(folder: Path, reference: str = "cml", metrics=("recall@20", "
             if name == reference:
                 cells.append(f"{mean:.4f}")
                 continue
-            p = stats.wilcoxon(run[metric], ours[metric]).pvalue if np.any(run[metric] != ours[metric]) else 1.0
+            p = evaluation.paired_pvalues(run[metric], ours[metric])["wilcoxon_p"]
             cells.append(f"{mean:.4f} ({mean / ours[metric].mean() - 1:+.1%}, {p:.2g})")
         settings = {k: v for k, v in run["params"].items() if k not in ("device", "num_threads")}
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {settings} |")

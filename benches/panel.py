@@ -442,11 +442,8 @@ def report(metric: str = "recall@50", reference: str = "cml") -> str:
                 b = [results[(dataset, s, model)] for s in seeds if (dataset, s, model) in results]
                 pooled_a = np.concatenate([r["per_user"][metric] for r in a])
                 pooled_b = np.concatenate([r["per_user"][metric] for r in b])
-                from scipy import stats
-
-                d = pooled_a - pooled_b
-                diff = f"{d.mean():+.4f}"
-                p = f"{stats.wilcoxon(pooled_a, pooled_b).pvalue:.2g}" if np.any(d != 0) else "1"
+                diff = f"{(pooled_a - pooled_b).mean():+.4f}"
+                p = f"{evaluation.paired_pvalues(pooled_a, pooled_b)['wilcoxon_p']:.2g}"
             first = results.get((dataset, seeds[0], model), {})
             settings = {k: v for k, v in first.get("params", {}).items() if k not in ("num_threads", "random_state")}
             edge = first.get("still_on_edge") or []
@@ -469,8 +466,6 @@ CONTENDERS = ["cml", "cml-tuned", "sfcml"]
 def standing(metric: str = "recall@50") -> str:
     """Per data set: the baseline with the best mean, and each of CONTENDERS against it
     (relative difference of the means, paired Wilcoxon p on the seeds both have)."""
-    from scipy import stats
-
     results = load_results()
     baseline_families = [f for f in GRIDS if f != "sfcml"]
     lines = [
@@ -502,7 +497,7 @@ def standing(metric: str = "recall@50") -> str:
             theirs = np.concatenate([results[(dataset, s, best)]["per_user"][metric] for s in seeds])
             mine = np.mean([results[(dataset, s, contender)]["test"][metric] for s in seeds])
             reference = np.mean([results[(dataset, s, best)]["test"][metric] for s in seeds])
-            p = stats.wilcoxon(ours, theirs).pvalue if np.any(ours != theirs) else 1.0
+            p = evaluation.paired_pvalues(ours, theirs)["wilcoxon_p"]
             cells.append(f"{mine:.4f}, {mine / reference - 1:+.1%}, {p:.2g} ({len(seeds)})")
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

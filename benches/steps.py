@@ -118,7 +118,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (3 epochs per mode each)")
     args = parser.parse_args()
     import torch
-    from scipy import stats
 
     torch.set_num_threads(args.threads)
     sections, raw = [], {}
@@ -145,7 +144,7 @@ def main() -> None:
         for mode, r in results.items():
             p = ""
             if base is not None and mode != "all":
-                p = f"{stats.wilcoxon(r['per_user'], base['per_user']).pvalue:.2g}"
+                p = f"{evaluation.paired_pvalues(r['per_user'], base['per_user'])['wilcoxon_p']:.2g}"
             speed = f"{base['median_epoch_seconds'] / r['median_epoch_seconds']:.1f}x" if base else ""
             rows.append(
                 [

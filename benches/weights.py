@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from scipy import stats
 
 import cml_rs
 from cml_rs import datasets, evaluation
@@ -123,8 +122,8 @@ def fold_in_with_values(user_items: sp.csr_matrix, seeds: list[int], threads: in
             ids, _ = model.recommend(split.users, fold, N=50, recalculate_user=True)
             recalls[name] = recall_of_lists(ids[scored], truth[scored], 50)
         difference = recalls["values"] - recalls["dropped"]
-        p_value = stats.wilcoxon(recalls["values"], recalls["dropped"]).pvalue if np.any(difference) else 1.0
-        paired = {"mean_difference": float(difference.mean()), "wilcoxon_p": float(p_value)}
+        p_value = evaluation.paired_pvalues(recalls["values"], recalls["dropped"])["wilcoxon_p"]
+        paired = {"mean_difference": float(difference.mean()), "wilcoxon_p": p_value}
         raw[seed] = {"users": int(scored.sum()), **{n: float(r.mean()) for n, r in recalls.items()}, **paired}
         rows.append(
             [

@@ -97,3 +97,19 @@ def test_bad_inputs():
         evaluation.ranking_metrics_at_k((np.ones((3, 2)), np.ones((4, 3))), good, good)
     with pytest.raises(ValueError, match="K must be at least 1"):
         evaluation.ranking_metrics_at_k(factors, good, good, K=0)
+
+
+def test_paired_pvalues_match_the_exact_signed_rank_distribution():
+    # Five positive differences of distinct sizes: the signed-rank statistic takes its
+    # most extreme value, which 1 of the 2^5 sign patterns reaches on each side, so the
+    # exact two-sided p is 2/32.
+    before = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    after = before + np.array([0.01, 0.02, 0.03, 0.04, 0.05])
+    assert evaluation.paired_pvalues(after, before)["wilcoxon_p"] == pytest.approx(2 / 32)
+    assert evaluation.paired_pvalues(before, before) == {"wilcoxon_p": 1.0, "ttest_p": 1.0}
+    with pytest.raises(ValueError, match="same length"):
+        evaluation.paired_pvalues(before, before[:4])
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        evaluation.paired_pvalues(before[:1], after[:1])
+    with pytest.raises(ValueError, match="finite"):
+        evaluation.paired_pvalues(before, np.array([0.1, np.nan, 0.3, 0.4, 0.5]))

@@ -157,3 +157,24 @@ def test_the_gowalla_report_pairs_each_refit_with_cmls_users(tmp_path):
     np.savez(tmp_path / "gowalla_ease_per_user.npz", user=users[::-1], **{"recall@20": cml})
     with pytest.raises(SystemExit, match="other test users"):
         gpu_check.gowalla_report(tmp_path, metrics=("recall@20",))
+
+
+def test_the_gowalla_report_needs_cmls_run(tmp_path):
+    gpu_check = pytest.importorskip("gpu_check")
+    run = {"model": "ease", "params": {}, "per_user": {"user": np.arange(3), "recall@20": np.ones(3)}}
+    gpu_check.save_per_user(run, tmp_path)
+    (tmp_path / "gowalla_ease.json").write_text('{"params": {}}')
+    with pytest.raises(SystemExit, match="no gowalla_cml_per_user.npz"):
+        gpu_check.gowalla_report(tmp_path, metrics=("recall@20",))
+
+
+@pytest.mark.parametrize("family", ["lightfm", "sfcml", "cml"])
+def test_the_gowalla_baseline_refit_refuses_families_that_tune_inside_their_fit(family, tmp_path, monkeypatch, capsys):
+    # LightFM and SFCML choose their epochs on validation inside fit, which a refit on
+    # train + validation cannot do; the command line says so before loading any data.
+    gpu_check = pytest.importorskip("gpu_check")
+    argv = ["gpu_check.py", "--data", str(tmp_path), "--out", str(tmp_path), "--gowalla-baseline", family, "{}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        gpu_check.main()
+    assert f"{family!r} is not one of" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from ._checks import as_csr, as_ids, as_vectors, check_ids_below, check_int
 from .kernels import topk_l2
 
-__all__ = ["RankingMetrics", "compare", "ranking_metrics_at_k"]
+__all__ = ["RankingMetrics", "compare", "paired_pvalues", "ranking_metrics_at_k"]
 
 METRICS = ("recall", "precision", "ndcg", "map")
 
@@ -205,20 +205,28 @@ def compare(a: RankingMetrics, b: RankingMetrics, metric: str = "recall") -> dic
     Returns the mean difference, the Wilcoxon signed-rank p-value and the
     paired t-test p-value (two-sided).
     """
-    from scipy import stats
-
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     common, ia, ib = np.intersect1d(a.per_user["user"], b.per_user["user"], return_indices=True)
     if len(common) < 2:
         raise ValueError("the two evaluations share fewer than 2 users; were they scored on the same split?")
     x, y = a.per_user[metric][ia], b.per_user[metric][ib]
-    difference = x - y
-    wilcoxon = stats.wilcoxon(x, y).pvalue if np.any(difference != 0) else 1.0
-    ttest = stats.ttest_rel(x, y).pvalue if np.any(difference != 0) else 1.0
-    return {
-        "users": len(common),
-        "mean_difference": float(difference.mean()),
-        "wilcoxon_p": float(wilcoxon),
-        "ttest_p": float(ttest),
-    }
+    return {"users": len(common), "mean_difference": float((x - y).mean()), **paired_pvalues(x, y)}
+
+
+def paired_pvalues(x: Any, y: Any) -> dict[str, float]:
+    """Two-sided Wilcoxon signed-rank and paired t-test p-values of per-user
+    values ``x`` against ``y`` (same users, same order); both are 1 when every
+    pair is equal, where the tests themselves are undefined."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"x and y must be 1-D arrays of the same length, got shapes {x.shape} and {y.shape}")
+    if len(x) < 2:
+        raise ValueError(f"x and y must hold at least 2 pairs for a paired test, got {len(x)}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("x and y must be finite (no NaN or inf)")
+    if not np.any(x != y):
+        return {"wilcoxon_p": 1.0, "ttest_p": 1.0}
+    return {"wilcoxon_p": float(stats.wilcoxon(x, y).pvalue), "ttest_p": float(stats.ttest_rel(x, y).pvalue)}
