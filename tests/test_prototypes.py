@@ -171,7 +171,8 @@ def test_the_gowalla_report_needs_cmls_run(tmp_path):
 @pytest.mark.parametrize("family", ["lightfm", "sfcml", "cml"])
 def test_the_gowalla_baseline_refit_refuses_families_that_tune_inside_their_fit(family, tmp_path, monkeypatch, capsys):
     # LightFM and SFCML choose their epochs on validation inside fit, which a refit on
-    # train + validation cannot do; the command line says so before loading any data.
+    # train + validation cannot do, and CML has its own flag (--gowalla-cml-settings);
+    # the command line says so before loading any data.
     gpu_check = pytest.importorskip("gpu_check")
     argv = ["gpu_check.py", "--data", str(tmp_path), "--out", str(tmp_path), "--gowalla-baseline", family, "{}"]
     monkeypatch.setattr(sys, "argv", argv)
