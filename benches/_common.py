@@ -148,9 +148,12 @@ def uniform_unit_vectors(n: int, dim: int = 100, seed: int = 0) -> np.ndarray:
 
 
 def recall_of_lists(ids: np.ndarray, test: sp.csr_matrix, k: int) -> np.ndarray:
-    """Per-user recall@k of recommended id lists (one row per user) against ``test`` rows."""
-    out = np.zeros(test.shape[0])
-    for row in range(test.shape[0]):
-        truth = test.indices[test.indptr[row] : test.indptr[row + 1]]
-        out[row] = np.isin(ids[row, :k], truth).sum() / len(truth)
-    return out
+    """Per-user recall@k of recommended id lists (one row per user, -1 for no item) against
+    ``test`` rows, each non-empty; the hits come from the evaluation's vectorised matcher."""
+    from cml_rs.evaluation import _hits
+
+    test = sp.csr_matrix(test)
+    held_out = np.diff(test.indptr)
+    if not held_out.all():
+        raise ValueError("every row of test needs a held-out item for recall")
+    return _hits(np.asarray(ids)[:, :k], test, test.shape[1]).sum(axis=1) / held_out

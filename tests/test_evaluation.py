@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import random_interactions
+from conftest import REPO_ROOT, random_interactions
 
 from cml_rs import datasets, evaluation
 
@@ -113,3 +113,16 @@ def test_paired_pvalues_match_the_exact_signed_rank_distribution():
         evaluation.paired_pvalues(before[:1], after[:1])
     with pytest.raises(ValueError, match="finite"):
         evaluation.paired_pvalues(before, np.array([0.1, np.nan, 0.3, 0.4, 0.5]))
+
+
+def test_the_benchmarks_recall_of_id_lists_counts_hits_by_hand(monkeypatch):
+    # benches/_common.recall_of_lists scores lists that a recommend call returned (fold-in
+    # runs); -1 pads a short list and is never a hit.
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benches"))
+    common = pytest.importorskip("_common")
+    test = sp.csr_matrix(np.array([[1, 1, 0, 0, 1], [0, 0, 1, 0, 0]], dtype=np.float32))
+    ids = np.array([[1, 3, 4], [2, -1, -1]])
+    np.testing.assert_allclose(common.recall_of_lists(ids, test, 2), [1 / 3, 1.0])
+    np.testing.assert_allclose(common.recall_of_lists(ids, test, 3), [2 / 3, 1.0])
+    with pytest.raises(ValueError, match="held-out item"):
+        common.recall_of_lists(ids, sp.csr_matrix((2, 5)), 3)
