@@ -109,6 +109,8 @@ def test_paired_pvalues_match_the_exact_signed_rank_distribution():
     assert evaluation.paired_pvalues(before, before) == {"wilcoxon_p": 1.0, "ttest_p": 1.0}
     with pytest.raises(ValueError, match="same length"):
         evaluation.paired_pvalues(before, before[:4])
+    with pytest.raises(ValueError, match="1-D"):
+        evaluation.paired_pvalues(np.stack([before, after]), np.stack([after, before]))
     with pytest.raises(ValueError, match="at least 2 pairs"):
         evaluation.paired_pvalues(before[:1], after[:1])
     with pytest.raises(ValueError, match="finite"):
