@@ -21,24 +21,27 @@ sfcml = pytest.importorskip("sfcml")
 
 
 def test_the_sampling_free_loss_is_the_mean_over_every_positive_negative_pair():
-    # The expansion in SamplingFreeCML.loss (per-user means of d and d^2) against the
-    # definition: mean over users of mean_{i in P, j in N} (m - (s_i - s_j))^2.
+    # The factored form in SamplingFreeCML.loss (negatives' sums as every item's sums
+    # less the positives', through sum_j v_j and V^T V) against the definition: mean
+    # over users of mean_{i in P, j in N} (m - (s_i - s_j))^2.
     generator = torch.Generator().manual_seed(0)
     model = sfcml.SamplingFreeCML(margin=0.7, learning_rate=0.1, seed=0, threads=1)
-    model.users = torch.nn.functional.normalize(torch.randn(4, 5, generator=generator), dim=1)
+    model.users = torch.nn.functional.normalize(torch.randn(5, 5, generator=generator), dim=1)
     model.items = torch.nn.functional.normalize(torch.randn(6, 5, generator=generator), dim=1)
-    targets = torch.tensor(
-        [[1, 0, 0, 1, 0, 0], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=torch.float32
+    targets = np.array(
+        [[1, 0, 0, 1, 0, 0], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]]
     )
-    users = torch.arange(4)
-    scores = 2.0 * model.users @ model.items.T
+    users = torch.tensor([4, 0, 1, 2, 3])  # batch rows in another order than the users
+    targets = targets[[4, 0, 1, 2, 3]]
+    scores = 2.0 * model.users[users] @ model.items.T
     by_hand = []
-    for u in range(4):  # user 2 has no negative: it does not count
-        positives, negatives = np.flatnonzero(targets[u] > 0), np.flatnonzero(targets[u] == 0)
+    for row in range(5):  # a user with no negative or no positive does not count
+        positives, negatives = np.flatnonzero(targets[row] > 0), np.flatnonzero(targets[row] == 0)
         if len(positives) and len(negatives):
-            pairs = [(0.7 - (scores[u, i] - scores[u, j])) ** 2 for i in positives for j in negatives]
+            pairs = [(0.7 - (scores[row, i] - scores[row, j])) ** 2 for i in positives for j in negatives]
             by_hand.append(torch.stack(pairs).mean())
-    assert model.loss(users, targets).item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-5)
+    loss = model.loss(users, sp.csr_matrix(targets))
+    assert loss.item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-5)
 
 
 def test_the_sampling_free_model_learns_and_keeps_unit_vectors():
