@@ -110,7 +110,11 @@ class SamplingFreeCML(baselines.ScoringRecommender):
                 self._normalise(users)
             if self.validation is None or (epoch + 1) % self.eval_every:
                 continue
-            recall = evaluation.ranking_metrics_at_k(self, matrix, self.validation, K=50)["recall"]
+            # On the unit sphere distance ranks as 2 u.v does, so the metric top-K kernel serves.
+            vectors = (self.users.detach().numpy(), self.items.detach().numpy())
+            recall = evaluation.ranking_metrics_at_k(
+                vectors, matrix, self.validation, K=50, num_threads=max(self.threads, 1)
+            )["recall"]
             if recall > best:
                 best, stale, self.epochs_ = recall, 0, epoch + 1
                 best_state = (self.users.detach().clone(), self.items.detach().clone())
