@@ -57,7 +57,8 @@ class SamplingFreeCML(baselines.ScoringRecommender):
         would cost O(users * items * dim), which is what made large data sets slow.
         """
         user_vectors = torch.nn.functional.embedding(users, self.users, sparse=True)
-        rows = torch.from_numpy(np.repeat(np.arange(positives.shape[0]), np.diff(positives.indptr)))
+        counts = np.diff(positives.indptr)
+        rows = torch.from_numpy(np.repeat(np.arange(positives.shape[0]), counts))
         cols = torch.from_numpy(positives.indices.astype(np.int64))
         positive_scores = 2.0 * (user_vectors[rows] * self.items[cols]).sum(1)
         zeros = user_vectors.new_zeros(len(users))
@@ -65,7 +66,7 @@ class SamplingFreeCML(baselines.ScoringRecommender):
         sum_pos_sq = zeros.index_add(0, rows, positive_scores.pow(2))
         sum_all = 2.0 * user_vectors @ self.items.sum(0)
         sum_all_sq = 4.0 * ((user_vectors @ (self.items.T @ self.items)) * user_vectors).sum(1)
-        n_pos = torch.from_numpy(np.diff(positives.indptr)).to(zeros.dtype)
+        n_pos = torch.from_numpy(counts).to(zeros.dtype)
         n_neg = self.items.shape[0] - n_pos
         kept = (n_pos > 0) & (n_neg > 0)
         n_pos, n_neg = n_pos.clamp_min(1), n_neg.clamp_min(1)

@@ -44,6 +44,38 @@ def test_the_sampling_free_loss_is_the_mean_over_every_positive_negative_pair():
     assert loss.item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-5)
 
 
+def test_the_sampling_free_loss_has_the_gradients_of_its_definition():
+    # Training follows the factored loss's gradients: they must be the pair definition's,
+    # for the batch's users (a sparse gradient) and for every item.
+    generator = torch.Generator().manual_seed(1)
+    model = sfcml.SamplingFreeCML(margin=1.3, learning_rate=0.1, seed=0, threads=1)
+    users_start = torch.nn.functional.normalize(torch.randn(6, 4, generator=generator), dim=1)
+    items_start = torch.nn.functional.normalize(torch.randn(7, 4, generator=generator), dim=1)
+    targets = (torch.rand(3, 7, generator=generator) < 0.4).numpy().astype(np.float32)
+    targets[:, 0], targets[:, 1] = 1, 0  # every row has a positive and a negative
+    batch = torch.tensor([5, 1, 3])
+    gradients = []
+    for factored in (True, False):
+        model.users = users_start.clone().requires_grad_()
+        model.items = items_start.clone().requires_grad_()
+        if factored:
+            loss = model.loss(batch, sp.csr_matrix(targets))
+        else:
+            scores = 2.0 * model.users[batch] @ model.items.T
+            per_user = []
+            for r in range(3):
+                positive = scores[r, np.flatnonzero(targets[r])]
+                negative = scores[r, np.flatnonzero(targets[r] == 0)]
+                per_user.append(((1.3 - (positive[:, None] - negative[None, :])) ** 2).mean())
+            loss = torch.stack(per_user).mean()
+        loss.backward()
+        user_grad = model.users.grad.to_dense() if model.users.grad.is_sparse else model.users.grad
+        gradients.append((user_grad, model.items.grad))
+    torch.testing.assert_close(gradients[0][0], gradients[1][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gradients[0][1], gradients[1][1], rtol=1e-4, atol=1e-6)
+    assert gradients[0][0][[0, 2, 4]].abs().max() == 0  # users outside the batch do not move
+
+
 def test_the_sampling_free_model_learns_and_keeps_unit_vectors():
     data = datasets.synthetic(n_users=300, n_items=120, n_interactions=6000, n_clusters=6, seed=1)
     split = datasets.split_paper(data.user_items, seed=0)
