@@ -148,12 +148,11 @@ def uniform_unit_vectors(n: int, dim: int = 100, seed: int = 0) -> np.ndarray:
 
 
 def recall_of_lists(ids: np.ndarray, test: sp.csr_matrix, k: int) -> np.ndarray:
-    """Per-user recall@k of recommended id lists (one row per user, -1 for no item) against
-    ``test`` rows, each non-empty; the hits come from the evaluation's vectorised matcher."""
-    from cml_rs.evaluation import _hits
+    """Per-user recall@k of recommended id lists (row r for test row r, -1 for no item),
+    aligned row for row for paired tests, so every test row needs a held-out item."""
+    from cml_rs.evaluation import list_metrics
 
     test = sp.csr_matrix(test)
-    held_out = np.diff(test.indptr)
-    if not held_out.all():
+    if not np.diff(test.indptr).all():
         raise ValueError("every row of test needs a held-out item for recall")
-    return _hits(np.asarray(ids)[:, :k], test, test.shape[1]).sum(axis=1) / held_out
+    return list_metrics(np.asarray(ids)[:, :k], test).per_user["recall"]

@@ -1,4 +1,4 @@
-"""ranking_metrics_at_k against a brute-force reference, and its inputs."""
+"""ranking_metrics_at_k and list_metrics against brute-force and hand-computed references, and their inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import REPO_ROOT, random_interactions
 
+import cml_rs
 from cml_rs import datasets, evaluation
 
 
@@ -97,6 +98,63 @@ def test_bad_inputs():
         evaluation.ranking_metrics_at_k((np.ones((3, 2)), np.ones((4, 3))), good, good)
     with pytest.raises(ValueError, match="K must be at least 1"):
         evaluation.ranking_metrics_at_k(factors, good, good, K=0)
+
+
+def test_list_metrics_of_the_exact_top_k_equal_ranking_metrics():
+    # Lists made elsewhere (here: the exact top-K, with train and validation excluded) score
+    # as ranking_metrics_at_k scores the same rankings, per user and in the means.
+    rng = np.random.default_rng(3)
+    data = random_interactions(n_users=50, n_items=70, per_user=10, seed=4)
+    split = datasets.split_paper(data, seed=1)
+    users = rng.standard_normal((50, 5)).astype(np.float32)
+    items = rng.standard_normal((70, 5)).astype(np.float32)
+    seen = split.train + split.validation
+    ids, _ = cml_rs.topk_l2(users, items, 10, exclude=seen)
+    want = evaluation.ranking_metrics_at_k((users, items), split.train, split.test, K=10, exclude=split.validation)
+    got = evaluation.list_metrics(ids, split.test)
+    for name in ("recall", "precision", "ndcg", "map", "users"):
+        assert got[name] == pytest.approx(want[name], rel=1e-12), name
+    np.testing.assert_array_equal(got.per_user["user"], want.per_user["user"])
+    # A subset of users in any order: each list is scored for the user it names.
+    order = np.array([7, 2, 30])
+    subset = evaluation.list_metrics(ids[order], split.test, users=order)
+    np.testing.assert_array_equal(subset.per_user["user"], order)
+    position = {u: i for i, u in enumerate(want.per_user["user"])}
+    np.testing.assert_allclose(subset.per_user["ndcg"], want.per_user["ndcg"][[position[u] for u in order]])
+
+
+def test_list_metrics_by_hand_and_its_inputs():
+    test = sp.csr_matrix(np.array([[1, 1, 0, 0, 1], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=np.float32))
+    # User 0 finds items 1 and 4 at ranks 1 and 3 of 3; user 1 finds item 2 at rank 1 of a
+    # list padded with -1; user 2 has nothing held out, so its list is not scored.
+    ids = np.array([[1, 3, 4], [2, -1, -1], [0, 1, 2]])
+    got = evaluation.list_metrics(ids, test)
+    assert got.k == 3 and got["users"] == 2
+    np.testing.assert_allclose(got.per_user["recall"], [2 / 3, 1.0])
+    np.testing.assert_allclose(got.per_user["precision"], [2 / 3, 1 / 3])
+    ideal = 1 + 1 / np.log2(3) + 1 / np.log2(4)
+    np.testing.assert_allclose(got.per_user["ndcg"], [(1 + 1 / np.log2(4)) / ideal, 1.0])
+    np.testing.assert_allclose(got.per_user["map"], [(1 + 2 / 3) / 3, 1.0])
+    with pytest.raises(ValueError, match="2-D array"):
+        evaluation.list_metrics(ids[0], test)
+    with pytest.raises(TypeError, match="ids must hold integer ids"):
+        evaluation.list_metrics(ids + 0.5, test)
+    with pytest.raises(IndexError, match="ids holds item 5"):
+        evaluation.list_metrics(np.array([[0, 5]]), test)
+    with pytest.raises(IndexError, match="ids holds item -2"):
+        evaluation.list_metrics(np.array([[0, -2]]), test)
+    with pytest.raises(ValueError, match="ids row 1 lists an item twice"):
+        evaluation.list_metrics(np.array([[0, -1, -1], [1, 2, 1]]), test)
+    with pytest.raises(ValueError, match="empty lists"):
+        evaluation.list_metrics(np.zeros((2, 0), dtype=int), test)
+    with pytest.raises(ValueError, match="test only 3 users; pass users"):
+        evaluation.list_metrics(np.zeros((4, 1), dtype=int), test)
+    with pytest.raises(ValueError, match="users has 1 ids but ids has 3 rows"):
+        evaluation.list_metrics(ids, test, users=[0])
+    with pytest.raises(ValueError, match="users names a user twice"):
+        evaluation.list_metrics(ids[:2], test, users=[1, 1])
+    with pytest.raises(IndexError, match="users 3 is out of range"):
+        evaluation.list_metrics(ids[:1], test, users=[3])
 
 
 def test_paired_pvalues_match_the_exact_signed_rank_distribution():

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from ._checks import as_csr, as_ids, as_vectors, check_ids_below, check_int
 from .kernels import topk_l2
 
-__all__ = ["RankingMetrics", "compare", "paired_pvalues", "ranking_metrics_at_k"]
+__all__ = ["RankingMetrics", "compare", "list_metrics", "paired_pvalues", "ranking_metrics_at_k"]
 
 METRICS = ("recall", "precision", "ndcg", "map")
 
@@ -145,10 +145,8 @@ def ranking_metrics_at_k(
     else:
         evaluated = np.unique(check_ids_below(as_ids(users, "users")[0], shape[0], "users"))
         evaluated = evaluated[held_out_sizes[evaluated] > 0]
-    per_user = {name: np.zeros(len(evaluated)) for name in METRICS}
-    per_user["user"] = evaluated
     if len(evaluated) == 0:
-        return RankingMetrics(K, per_user)
+        return _metrics_of_lists(np.empty((0, K), dtype=np.int64), test, evaluated, K)
 
     candidates = None
     if items is not None:
@@ -158,9 +156,62 @@ def ranking_metrics_at_k(
     width = min(K, shape[1] if candidates is None else len(candidates))
     ids = _top_ids(model_or_factors, factors, evaluated, excluded, width, num_threads, candidates)
     # A ranking is at most as long as the catalogue: K beyond it ranks every item.
-    hits = _hits(ids, test[evaluated], shape[1])  # (users, min(K, n_items)) booleans
+    return _metrics_of_lists(ids, test, evaluated, K)
+
+
+def list_metrics(ids: Any, test: Any, users: Any | None = None) -> RankingMetrics:
+    """Recall, precision, NDCG and MAP of ranked lists made elsewhere (an LSH or HNSW
+    index, another system), at K = the lists' length, on the same terms as
+    :func:`ranking_metrics_at_k`: lists of users without held-out items are skipped.
+
+    Parameters
+    ----------
+    ids : int array (n_lists, K)
+        One ranked list of item ids per row, best first; -1 pads a shorter list.
+        An item may appear once in a list.
+    test : scipy.sparse matrix (n_users, n_items)
+        Held-out items to find.
+    users : array of int (n_lists,), optional
+        The user each row ranks for, each once; row r is user r when omitted.
+    """
+    test = as_csr(test, "test")
+    array = np.asarray(ids)
+    if array.ndim != 2:
+        raise ValueError(f"ids must be a 2-D array (one list per row), got shape {array.shape}")
+    lists = as_ids(array.ravel(), "ids")[0].reshape(array.shape)
+    if lists.shape[1] == 0:
+        raise ValueError("ids holds empty lists; each row needs at least one column")
+    if lists.size and (lists.min() < -1 or lists.max() >= test.shape[1]):
+        bad = lists[(lists < -1) | (lists >= test.shape[1])][0]
+        raise IndexError(f"ids holds item {bad}: ids must be in [0, {test.shape[1]}), or -1 for no item")
+    ordered = np.sort(lists, axis=1)
+    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(axis=1)
+    if repeated.any():
+        raise ValueError(f"ids row {np.flatnonzero(repeated)[0]} lists an item twice; each would count as a hit")
+    if users is None:
+        if len(lists) > test.shape[0]:
+            raise ValueError(f"ids has {len(lists)} rows but test only {test.shape[0]} users; pass users")
+        owners = np.arange(len(lists), dtype=np.int64)
+    else:
+        owners = check_ids_below(as_ids(users, "users")[0], test.shape[0], "users")
+        if len(owners) != len(lists):
+            raise ValueError(f"users has {len(owners)} ids but ids has {len(lists)} rows; one user per list")
+        if len(np.unique(owners)) != len(owners):
+            raise ValueError("users names a user twice; give each user one list")
+    scored = np.diff(test.indptr)[owners] > 0
+    return _metrics_of_lists(lists[scored], test, owners[scored], lists.shape[1])
+
+
+def _metrics_of_lists(ids: np.ndarray, test: sp.csr_matrix, evaluated: np.ndarray, K: int) -> RankingMetrics:
+    """The per-user metrics at ``K`` of ranked lists ``ids`` (row r for user ``evaluated[r]``,
+    each with held-out items in ``test``; -1 for no item)."""
+    per_user = {name: np.zeros(len(evaluated)) for name in METRICS}
+    per_user["user"] = evaluated
+    if len(evaluated) == 0:
+        return RankingMetrics(K, per_user)
+    hits = _hits(ids, test[evaluated], test.shape[1])  # (users, list length) booleans
     width = hits.shape[1]
-    n_held = held_out_sizes[evaluated].astype(np.float64)
+    n_held = np.diff(test.indptr)[evaluated].astype(np.float64)
     discounts = 1.0 / np.log2(np.arange(2, width + 2))
     ideal = np.cumsum(discounts)[np.minimum(n_held, K).astype(np.int64) - 1]
     hit_counts = hits.sum(axis=1)
