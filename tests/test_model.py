@@ -170,7 +170,8 @@ def test_cml_beats_popularity_on_synthetic_clusters():
 
 
 def test_negatives_follow_the_density_within_their_range():
-    # U = round(0.2 / density), kept within [3, 20]; explicit zeros are not interactions.
+    # U = round(0.2 / density), kept within [3, 20], or [3, 40] where the items have 10
+    # interactions each on average; explicit zeros are not interactions.
     def density(users: int, items: int, nnz: int) -> sp.csr_matrix:
         flat = np.zeros(users * items, dtype=np.float32)
         flat[:nnz] = 1.0
@@ -180,6 +181,11 @@ def test_negatives_follow_the_density_within_their_range():
     assert training.negatives_for(density(100, 100, 150)) == 13  # 1.5%: 0.2 / 0.015 = 13.3
     assert training.negatives_for(density(100, 100, 1000)) == 3  # 10%: at the floor
     assert training.negatives_for(density(100, 1000, 10)) == 20  # 0.01%: at the cap
+    # 0.2%, 10 interactions an item: U may reach 40 (0.2 / 0.002 = 100), but not with 9.9.
+    assert training.negatives_for(density(5000, 1000, 10_000)) == 40
+    assert training.negatives_for(density(5000, 1000, 9_900)) == 20
+    assert training.negatives_for(density(1000, 1000, 10_000)) == 20  # 1%: 0.2 / 0.01, below either cap
+    assert training.negatives_for(density(2000, 1000, 12_000)) == 33  # 0.6%: 33.3, above the lower cap
     with_zeros = density(100, 100, 400)
     with_zeros.data[:200] = 0.0  # stored, but no interaction: 2% dense
     assert training.negatives_for(with_zeros) == 10

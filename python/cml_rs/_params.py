@@ -58,7 +58,8 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter(
         "n_negatives",
         None,
-        "sampled negatives U per positive pair (default: 0.2 / density of the training data, within 3-20)",
+        "sampled negatives U per positive pair (default: 0.2 / density of the training data, within 3-20, "
+        "or 3-40 where items have 10+ interactions each)",
         int,
         1,
         10_000,

@@ -52,9 +52,10 @@ class CollaborativeMetricLearning:
         Hinge margin m on squared distances (paper: 0.5; default 1.5, see Notes).
     n_negatives : int or None
         Negatives U sampled per positive pair (paper: 20). None (the default):
-        0.2 / density of the training matrix, within [3, 20], so that the
-        hardest of U is rarely a liked item the user has not met; the number
-        used is ``n_negatives_`` after the fit (see Notes).
+        0.2 / density of the training matrix, within [3, 20] (within [3, 40]
+        where the items have 10 or more interactions each on average), so that
+        the hardest of U is rarely a liked item the user has not met; the
+        number used is ``n_negatives_`` after the fit (see Notes).
     adaptive_margin : float
         0 (the paper): one margin for everyone. Above 0, each user learns its
         own margin m_u (starting at ``margin``, kept in [0, 4 max_norm^2]) and
@@ -153,7 +154,10 @@ class CollaborativeMetricLearning:
     (1.6%) lost recall below 10, and ml-latest-small (0.5%) and citeulike-t
     (0.04%) did best at 20: 0.2 / density gives 9, 12, 20 and 20. On
     synthetic-dense, left out of the choice, it gives 10, which beats 20 by 3.6%
-    (benches/RESULTS.md). The margin was
+    (benches/RESULTS.md). Above 20, U = 40 lost on the two sparse sets whose
+    items have about 3 interactions each and won on two synthetic sets with 25
+    and 59, so U may rise to 40 from 10 an item; Gowalla (17.5), the check,
+    gains 10.6% on validation at 40. The margin was
     tuned on citeulike-t's validation split (benches/RESULTS.md), margin 0.5
     plateaus near recall@50 0.18, 1.0 near 0.27, and 1.5 near 0.29-0.30; 2.0
     and 2.5 are no better. Batches of 2,048 pairs train about as well per epoch

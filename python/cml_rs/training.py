@@ -408,16 +408,28 @@ class Trainer:
 #: U = 10 over 20, ml-1m-implicit (1.6%) needs U >= 10, ml-latest-small (0.5%) and
 #: citeulike-t (0.04%) want 20; checked on synthetic-dense (2.0%: +3.6% at U = 10).
 NEGATIVES_TIMES_DENSITY = 0.2
-#: The range of that U: below 3 the hardest negative is barely hard; above 20 it
-#: lost recall on the sparsest sets (citeulike-t: U = 40 below 10 and 20).
+#: The range of that U: below 3 the hardest negative is barely hard. Above 20 it lost
+#: recall on the sparsest sets whose items have few interactions each (citeulike-t: U =
+#: 40 below 10 and 20; ml-latest-small: 40 lost 5%).
 AUTO_NEGATIVES = (3, 20)
+#: Where the items have this many training interactions each on average, U may rise to
+#: WELL_SEEN_CAP instead: on validation U = 40 beat 20 on synthetic-sparse (25 an item,
+#: +1.4%) and synthetic-medium (59, +1.3%), and lost on citeulike-t (3.4, -2.7%) and
+#: ml-latest-small (3.0, -5.1%); 10 lies between the two groups. Gowalla (17.5), left out
+#: of that choice, is the check: +10.6% at U = 40 (benches/RESULTS.md).
+WELL_SEEN_ITEMS = 10.0
+WELL_SEEN_CAP = 40
 
 
 def negatives_for(train: sp.csr_matrix) -> int:
-    """The U that ``n_negatives=None`` gives for ``train``: 0.2 / density, within [3, 20]."""
+    """The U that ``n_negatives=None`` gives for ``train``: 0.2 / density, within [3, 20],
+    or within [3, 40] where the items have at least 10 interactions each on average."""
     n_users, n_items = train.shape
-    density = int(np.count_nonzero(train.data > 0)) / max(1, n_users * n_items)
+    interactions = int(np.count_nonzero(train.data > 0))
+    density = interactions / max(1, n_users * n_items)
     low, high = AUTO_NEGATIVES
+    if interactions >= WELL_SEEN_ITEMS * n_items:
+        high = WELL_SEEN_CAP
     return low if density == 0 else int(min(high, max(low, round(NEGATIVES_TIMES_DENSITY / density))))
 
 
