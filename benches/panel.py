@@ -550,8 +550,8 @@ DEFAULT_PROBES = {
 #: since) was chosen. ml-100k had gained 13% at U = 10, ml-latest-small lost 3%.
 #: 80 and 160 push past the edge where 40 won (synthetic-sparse, synthetic-medium, Gowalla).
 NEGATIVE_PROBES = {f"n_negatives={u}": dict(n_negatives=u) for u in (3, 5, 10, 20, 40, 80, 160)}
-#: Gowalla's defaults score 17% below RP3beta; the tuner's winner there (margin 0.95,
-#: learning rate 0.11, U = 40, lambda_c 1.32) closes most of it. Its departures one at
+#: Gowalla's defaults scored 17% below RP3beta with U = 20; the tuner's winner there
+#: (margin 0.95, learning rate 0.11, U = 40, lambda_c 1.32) closed most of it. Its departures one at
 #: a time say which matters (the learning rate's 10% is left out as too small to).
 GOWALLA_PROBES = {
     "margin=0.95": dict(margin=0.95),

@@ -416,7 +416,8 @@ AUTO_NEGATIVES = (3, 20)
 #: WELL_SEEN_CAP instead: on validation U = 40 beat 20 on synthetic-sparse (25 an item,
 #: +1.4%) and synthetic-medium (59, +1.3%), and lost on citeulike-t (3.4, -2.7%) and
 #: ml-latest-small (3.0, -5.1%); 10 lies between the two groups. Gowalla (17.5), left out
-#: of that choice, is the check: +10.6% at U = 40 (benches/RESULTS.md).
+#: of that choice (though probed first), is the check: +10.6% at U = 40. The cap: both
+#: synthetic sets collapse at U = 80 (benches/RESULTS.md).
 WELL_SEEN_ITEMS = 10.0
 WELL_SEEN_CAP = 40
 
