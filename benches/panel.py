@@ -560,7 +560,7 @@ GOWALLA_PROBES = {
 }
 #: The margin around the default 1.5 (chosen on citeulike-t alone): Gowalla's probe above
 #: found margin 0.95 worth 12% on validation there.
-MARGIN_PROBES = {f"margin={m}": dict(margin=m) for m in (0.75, 1.0, 1.25, 2.0)}
+MARGIN_PROBES = {f"margin={m}": dict(margin=m) for m in (0.75, 1.0, 1.25, 2.0, 2.5, 3.0)}
 PROBES = {"defaults": DEFAULT_PROBES, "negatives": NEGATIVE_PROBES, "gowalla": GOWALLA_PROBES, "margin": MARGIN_PROBES}
 PROBE_FILE = OUT_DIR / "probe_defaults.json"
 
