@@ -146,7 +146,7 @@ def ranking_metrics_at_k(
         evaluated = np.unique(check_ids_below(as_ids(users, "users")[0], shape[0], "users"))
         evaluated = evaluated[held_out_sizes[evaluated] > 0]
     if len(evaluated) == 0:
-        return _metrics_of_lists(np.empty((0, K), dtype=np.int64), test, evaluated, K)
+        return _metrics_of_lists(np.empty((0, 1), dtype=np.int64), test, evaluated, K)  # no users, no lists
 
     candidates = None
     if items is not None:
