@@ -279,6 +279,22 @@ def fuzz_ranking_metrics(k, users) -> None:
     check(("K", "users"), lambda: evaluation.ranking_metrics_at_k(MODEL, split.train, split.test, K=k, users=users))
 
 
+ID_LISTS = hnp.arrays(np.int64, hnp.array_shapes(min_dims=2, max_dims=2, max_side=6), elements=st.integers(-2, 40))
+
+
+@given(ids=st.one_of(arrays(), ID_LISTS), users=st.one_of(st.none(), arrays(1), st.lists(st.integers(-1, 60))))
+def fuzz_list_metrics(ids, users) -> None:
+    split = datasets.split_paper(MODEL_DATA.user_items, seed=0)
+
+    def verify(result: Any) -> None:
+        for name in ("recall", "precision", "ndcg", "map"):
+            values = result.per_user[name]
+            assert len(values) == len(result.per_user["user"]) <= len(np.atleast_2d(ids))
+            assert np.all((values >= 0) & (values <= 1 + 1e-12)), (name, values)
+
+    check(("ids", "users", "test"), lambda: evaluation.list_metrics(ids, split.test, users=users), verify)
+
+
 @given(fractions=st.tuples(st.floats(), st.floats(), st.floats()), min_items=st.integers(-2, 10))
 def fuzz_split(fractions, min_items) -> None:
     check(
@@ -334,6 +350,7 @@ PROPERTIES = [
     fuzz_recommend,
     fuzz_similar_items,
     fuzz_ranking_metrics,
+    fuzz_list_metrics,
     fuzz_split,
     fuzz_hnsw,
     fuzz_files,
