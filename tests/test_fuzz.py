@@ -29,6 +29,8 @@ def test_every_entry_point_survives_arbitrary_input():
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     counts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert counts["cases"] == 11 * int(examples)
+    per_entry_point = {name: n for name, n in counts.items() if name.startswith("cases: ")}
+    assert len(per_entry_point) == 12 and set(per_entry_point.values()) == {int(examples)}, per_entry_point
+    assert counts["cases"] == 12 * int(examples)
     assert counts["clean errors"] + counts["results"] == counts["cases"]
     assert counts["results checked against numpy"] > 0
