@@ -301,12 +301,12 @@ DATASET_GRIDS: dict[tuple[str, str], dict[str, list]] = {
     ("ease", "gowalla"): {"regularization": [33.0, 100.0, 300.0]},
     ("rp3beta", "gowalla"): {"alpha": [0.5], "beta": [0.3], "top_k": [200], "normalize": [True]},
 }
-#: Data sets whose full grid ran elsewhere, so even split seed 0 starts from DATASET_GRIDS:
+#: Data sets whose full grid ran before (elsewhere or earlier), so even split seed 0 starts from DATASET_GRIDS:
 #: EASE on Gowalla takes 18 min a fit on this CPU; its grid of 33-3,000 ran on the H100
 #: (recall@20 on the same validation part; "Gowalla against the literature") and chose 100.
 #: RP3beta's full Gowalla grid ran in the panel on 2026-11-28, whose stored results were
 #: lost with that machine; its choice is refit (one point) to score it against CML again.
-GRID_RAN_ELSEWHERE = {("ease", "gowalla"), ("rp3beta", "gowalla")}
+GRID_CHOSEN_BEFORE = {("ease", "gowalla"), ("rp3beta", "gowalla")}
 
 
 def tune(family: str, split: datasets.Split, threads: int, seed: int, dataset: str = "") -> dict[str, Any]:
@@ -320,7 +320,7 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int, dataset: s
         print(f"    {family} {params}: validation recall@50 {valid:.4f} ({seconds:.1f}s)", flush=True)
         return valid, {"model": model, "fit_seconds": seconds}
 
-    full_grid = seed == 0 and (family, dataset) not in GRID_RAN_ELSEWHERE
+    full_grid = seed == 0 and (family, dataset) not in GRID_CHOSEN_BEFORE
     grid = GRIDS[family] if full_grid else DATASET_GRIDS.get((family, dataset), GRIDS[family])
     return grid_search(grid, score, bounds={**BOUNDS, **FAMILY_BOUNDS.get(family, {})})
 

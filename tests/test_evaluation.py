@@ -32,12 +32,17 @@ def reference(users, items, train, test, k, exclude=None):
     return {name: np.mean(values) for name, values in out.items()}
 
 
+def random_case(n_users: int = 60, n_items: int = 80, dim: int = 6, seed: int = 0):
+    """A paper split of random interactions, and random user and item vectors to rank with."""
+    rng = np.random.default_rng(seed)
+    split = datasets.split_paper(random_interactions(n_users=n_users, n_items=n_items, per_user=10, seed=seed + 1))
+    users = rng.standard_normal((n_users, dim)).astype(np.float32)
+    items = rng.standard_normal((n_items, dim)).astype(np.float32)
+    return split, users, items
+
+
 def test_metrics_match_a_brute_force_reference():
-    rng = np.random.default_rng(0)
-    data = random_interactions(n_users=60, n_items=80, per_user=10, seed=1)
-    split = datasets.split_paper(data, seed=0)
-    users = rng.standard_normal((60, 6)).astype(np.float32)
-    items = rng.standard_normal((80, 6)).astype(np.float32)
+    split, users, items = random_case()
     for k in (5, 20):
         got = evaluation.ranking_metrics_at_k((users, items), split.train, split.test, K=k, exclude=split.validation)
         want = reference(users, items, split.train, split.test, k, exclude=split.validation)
@@ -103,11 +108,7 @@ def test_bad_inputs():
 def test_list_metrics_of_the_exact_top_k_equal_ranking_metrics():
     # Lists made elsewhere (here: the exact top-K, with train and validation excluded) score
     # as ranking_metrics_at_k scores the same rankings, per user and in the means.
-    rng = np.random.default_rng(3)
-    data = random_interactions(n_users=50, n_items=70, per_user=10, seed=4)
-    split = datasets.split_paper(data, seed=1)
-    users = rng.standard_normal((50, 5)).astype(np.float32)
-    items = rng.standard_normal((70, 5)).astype(np.float32)
+    split, users, items = random_case(n_users=50, n_items=70, dim=5, seed=3)
     seen = split.train + split.validation
     ids, _ = cml_rs.topk_l2(users, items, 10, exclude=seen)
     want = evaluation.ranking_metrics_at_k((users, items), split.train, split.test, K=10, exclude=split.validation)
