@@ -261,3 +261,21 @@ def test_one_process_is_a_plain_fit(monkeypatch):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_the_group_is_left_before_the_interpreter_exits():
+    # A process group left to die with the interpreter can abort it (gloo: "terminate
+    # called without an active exception"); init registers the leaving. A hook registered
+    # before init runs after init's (atexit runs last-in, first-out) and sees the group gone.
+    script = (
+        "import atexit, torch.distributed as dist\n"
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+        "from cml_rs import distributed\n"
+        "distributed.init(backend='gloo')\n"
+        "assert dist.is_initialized()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "initialized at exit: False" in result.stdout, result.stdout + result.stderr

@@ -44,6 +44,7 @@ resumes from the last epoch every rank saved.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import time
@@ -133,7 +134,15 @@ def init(backend: str | None = None, timeout_seconds: float = DEFAULT_TIMEOUT) -
         )
     except (RuntimeError, ValueError) as error:
         raise DistributedError(f"could not join the process group as rank {rank} of {world_size}: {error}") from None
+    atexit.register(_leave_group)
     return _current()
+
+
+def _leave_group() -> None:
+    """At interpreter exit, leaves the group before Python tears down: a group left to die
+    with the process can abort it ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _current() -> World:
