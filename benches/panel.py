@@ -228,25 +228,27 @@ BOUNDS: dict[str, tuple[float, float]] = {
 FAMILY_BOUNDS: dict[str, dict[str, tuple[float, float]]] = {"sfcml": {"learning_rate": (1e-4, 20.0)}}
 
 
-def _beyond(values: list, best: Any, name: str, bounds: dict[str, tuple[float, float]] = BOUNDS) -> Any | None:
-    """The next grid value past ``best`` when it is the grid's smallest or largest, else None."""
+def _next_step(values: list, best: Any) -> Any | None:
+    """The next grid value past ``best`` when it is the grid's smallest or largest number,
+    by the grid's own step at that edge; None inside the grid or at a floor of zero."""
     numeric = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
     if len(numeric) < 2 or best not in (numeric[0], numeric[-1]):
         return None
-    low, high = bounds.get(name, (-np.inf, np.inf))
     if best == numeric[-1]:
         step = numeric[-1] / numeric[-2] if numeric[-2] > 0 else numeric[-1] - numeric[-2]
         value = best * step if numeric[-2] > 0 else best + step
-        if value > high:
-            return None
     else:
         if numeric[0] == 0:
             return None  # zero is a natural floor (no penalty, no exponent)
-        step = numeric[1] / numeric[0]
-        value = best / step
-        if value < low:
-            return None
+        value = best / (numeric[1] / numeric[0])
     return type(best)(round(value)) if isinstance(best, int) else value
+
+
+def _beyond(values: list, best: Any, name: str, bounds: dict[str, tuple[float, float]] = BOUNDS) -> Any | None:
+    """The next grid value past ``best`` (see _next_step) if it lies within ``name``'s bounds, else None."""
+    value = _next_step(values, best)
+    low, high = bounds.get(name, (-np.inf, np.inf))
+    return value if value is not None and low <= value <= high else None
 
 
 def grid_search(
@@ -258,7 +260,9 @@ def grid_search(
 ) -> dict[str, Any]:
     """Every point of ``grid``; then, while the best value of a setting lies on the edge of
     its grid, one step beyond that edge (at most ``rounds`` times). ``score(params)`` gives
-    the validation recall@50 and a record (model, seconds, ...) kept for the best point."""
+    the validation recall@50 and a record (model, seconds, ...) kept for the best point.
+    The result names the settings left on an edge: ``still_on_edge`` when the rounds ran
+    out, ``at_bound`` when the next step would pass the setting's hard bound."""
     grid = {k: list(v) for k, v in grid.items()}
     tried: dict[str, dict[str, Any]] = {}
     best: dict[str, Any] | None = None
@@ -289,7 +293,8 @@ def grid_search(
             break
     assert best is not None
     edges = [n for n, v in grid.items() if _beyond(v, best["params"][n], n, bounds) is not None]
-    return {**best, "grid": grid, "trials": list(tried.values()), "still_on_edge": edges}
+    at_bound = [n for n, v in grid.items() if _next_step(v, best["params"][n]) is not None and n not in edges]
+    return {**best, "grid": grid, "trials": list(tried.values()), "still_on_edge": edges, "at_bound": at_bound}
 
 
 #: Starting grids for one data set, where a full grid costs too much: the neighbours of
@@ -459,7 +464,7 @@ def report(metric: str = "recall@50", reference: str = "cml") -> str:
                 p = f"{evaluation.paired_pvalues(pooled_a, pooled_b)['wilcoxon_p']:.2g}"
             first = results.get((dataset, seeds[0], model), {})
             settings = {k: v for k, v in first.get("params", {}).items() if k not in ("num_threads", "random_state")}
-            edge = first.get("still_on_edge") or []
+            edge = (first.get("still_on_edge") or []) + [f"{n} at its bound" for n in first.get("at_bound") or []]
             rows.append(
                 (
                     -np.mean(values),
@@ -565,19 +570,26 @@ PROBES = {"defaults": DEFAULT_PROBES, "negatives": NEGATIVE_PROBES, "gowalla": G
 PROBE_FILE = OUT_DIR / "probe_defaults.json"
 
 
+def probe_candidates(probes: str, labels: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The settings of probe ``probes`` with today's defaults first, or only ``labels`` of
+    them; a label the probe lacks stops the run with the probe's labels."""
+    candidates = {"defaults": {}, **PROBES[probes]}
+    if not labels:
+        return candidates
+    unknown = sorted(set(labels) - set(candidates))
+    if unknown:
+        raise SystemExit(f"--labels: {unknown} not in probe {probes!r}; its labels: {sorted(candidates)}")
+    return {label: candidates[label] for label in labels}
+
+
 def probe_defaults(
     threads: int, names: list[str], probes: str = "defaults", seed: int = 0, labels: list[str] | None = None
 ) -> None:
     """Validation recall@50 of candidate defaults against today's, per data set (split
     ``seed``), or of only ``labels`` among them; every fit is kept in PROBE_FILE, so a
     probe that stops resumes."""
+    candidates = probe_candidates(probes, labels)
     done = json.loads(PROBE_FILE.read_text()) if PROBE_FILE.exists() else {}
-    candidates = {"defaults": {}, **PROBES[probes]}
-    if labels:
-        unknown = sorted(set(labels) - set(candidates))
-        if unknown:
-            raise SystemExit(f"--labels: {unknown} not in probe {probes!r}: {sorted(candidates)}")
-        candidates = {label: candidates[label] for label in labels}
     for name in names:
         split = load_split(name, seed)
         density = split.train.nnz / (split.train.shape[0] * split.train.shape[1])
