@@ -47,6 +47,7 @@ def start(config: dict, tmp_path: Path, world_size: int = 2, port: int | None = 
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            "PYTHONFAULTHANDLER": "1",  # an abort prints where each thread was
         }
         processes.append(
             subprocess.Popen(
@@ -279,3 +280,30 @@ def test_the_group_is_left_before_the_interpreter_exits():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env)
     assert result.returncode == 0, result.stderr
     assert "initialized at exit: False" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_fit_leaves_no_group_threads_behind():
+    # An optimiser's first step imports torch._dynamo, and with it a module that keeps a
+    # reference to a group that is up; destroy_process_group then cannot free the group,
+    # and its threads reach the interpreter's teardown, which can abort. init imports it
+    # first, so leaving the group at exit stops every gloo and store thread.
+    script = (
+        "import atexit, glob\n"
+        "def group_threads():\n"
+        "    names = [open(f'{task}/comm').read().strip() for task in glob.glob('/proc/self/task/*')]\n"
+        "    return [name for name in names if 'gloo' in name or 'tcpstore' in name]\n"
+        "atexit.register(lambda: print('group threads at exit:', group_threads()))\n"
+        "import numpy as np, scipy.sparse as sp, cml_rs\n"
+        "from cml_rs import distributed\n"
+        "distributed.init(backend='gloo')\n"
+        "print('group threads in the group:', group_threads())\n"
+        "matrix = sp.random(40, 30, density=0.2, format='csr', random_state=0, dtype=np.float32)\n"
+        "matrix.data[:] = 1\n"
+        "distributed.fit(cml_rs.CML(factors=4, epochs=1, random_state=0), matrix, show_progress=False)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "group threads in the group: []" not in result.stdout, result.stdout  # the check sees them
+    assert "group threads at exit: []" in result.stdout, result.stdout + result.stderr

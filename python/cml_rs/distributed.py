@@ -122,6 +122,7 @@ def init(backend: str | None = None, timeout_seconds: float = DEFAULT_TIMEOUT) -
         if not torch.cuda.is_available():
             raise ValueError("backend 'nccl' needs a GPU, and torch sees none; use 'gloo'")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    _import_what_holds_the_group()
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -136,6 +137,15 @@ def init(backend: str | None = None, timeout_seconds: float = DEFAULT_TIMEOUT) -
         raise DistributedError(f"could not join the process group as rank {rank} of {world_size}: {error}") from None
     atexit.register(_leave_group)
     return _current()
+
+
+def _import_what_holds_the_group() -> None:
+    """Imports torch._dynamo before the group exists. An optimiser's first step imports
+    it, and with it torch.distributed._shard, which, imported while a group is up, keeps
+    a reference to that group: destroy_process_group then cannot free it, its gloo
+    threads outlive it, and the interpreter's teardown can abort ("terminate called
+    without an active exception")."""
+    import torch._dynamo  # noqa: F401
 
 
 def _leave_group() -> None:
@@ -482,7 +492,9 @@ def fit(
     epoch all ranks hold.
 
     Returns the model: fitted (all vectors gathered) on rank 0, left unfitted
-    on the other ranks.
+    on the other ranks. A group you create yourself with init_process_group
+    should come after ``import torch._dynamo``, as :func:`init` does (see
+    there), or it may outlive destroy_process_group.
     """
     world = init() if not (dist.is_available() and dist.is_initialized()) else _current()
     if world.world_size == 1:
