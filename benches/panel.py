@@ -7,7 +7,8 @@ then scores the test part once, train and validation items excluded, all
 items ranked. A CML job trains with the package defaults (or a named variant)
 and early stopping on validation. Per-user metrics are stored, so any two
 jobs on the same split can be compared with paired tests; finished jobs are
-skipped when the command is run again (delete benches/out/panel to redo).
+skipped when the command is run again (delete benches/out/panel to redo), and a
+tuning job cut short resumes from the grid points it had scored (panel/trials).
 
     python benches/panel.py --datasets ml-100k citeulike-t --seeds 0 1 2 --models ease rp3beta wrmf cml
     python benches/panel.py --report            # the tables, from what is stored
@@ -314,20 +315,68 @@ DATASET_GRIDS: dict[tuple[str, str], dict[str, list]] = {
 GRID_CHOSEN_BEFORE = {("ease", "gowalla"), ("rp3beta", "gowalla")}
 
 
+class TrialStore:
+    """The grid points a tuning job has scored, one JSON line each, so that a job cut
+    short (a long grid, a machine taken back) resumes where it stopped. Lines of
+    another split (by its fingerprint) or cut off mid-write are ignored."""
+
+    def __init__(self, path: Path, split_fingerprint: str) -> None:
+        self.path, self.fingerprint = path, split_fingerprint
+        self.scores: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if entry.get("split") == split_fingerprint:
+                    self.scores[self.key(entry["params"])] = entry
+
+    @staticmethod
+    def key(params: dict[str, Any]) -> str:
+        return json.dumps(params, sort_keys=True)
+
+    def get(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        return self.scores.get(self.key(params))
+
+    def add(self, params: dict[str, Any], validation: float, fit_seconds: float) -> None:
+        entry = {"params": params, "validation": validation, "fit_seconds": fit_seconds, "split": self.fingerprint}
+        self.scores[self.key(params)] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+
+def trials_path(dataset: str, seed: int, family: str) -> Path:
+    return PANEL_DIR / "trials" / f"{dataset}__seed{seed}__{family}.jsonl"
+
+
 def tune(family: str, split: datasets.Split, threads: int, seed: int, dataset: str = "") -> dict[str, Any]:
-    """A baseline's grid search on validation recall@50 with edge extension; the best model is kept."""
+    """A baseline's grid search on validation recall@50 with edge extension; the best
+    model is kept. Points scored by an earlier run of the job (see TrialStore) are not
+    fitted again, except the best, whose model is needed for the test."""
+    store = TrialStore(trials_path(dataset, seed, family), split.fingerprint())
 
     def score(params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        stored = store.get(params)
+        if stored is not None:
+            print(f"    {family} {params}: validation recall@50 {stored['validation']:.4f} (stored)", flush=True)
+            return stored["validation"], {"fit_seconds": stored["fit_seconds"]}
         start = time.perf_counter()
         model = fit_baseline(family, split, params, threads, seed)
         seconds = time.perf_counter() - start
         valid = evaluation.ranking_metrics_at_k(model, split.train, split.validation, K=50)["recall"]
         print(f"    {family} {params}: validation recall@50 {valid:.4f} ({seconds:.1f}s)", flush=True)
+        store.add(params, valid, seconds)
         return valid, {"model": model, "fit_seconds": seconds}
 
     full_grid = seed == 0 and (family, dataset) not in GRID_CHOSEN_BEFORE
     grid = GRIDS[family] if full_grid else DATASET_GRIDS.get((family, dataset), GRIDS[family])
-    return grid_search(grid, score, bounds={**BOUNDS, **FAMILY_BOUNDS.get(family, {})})
+    result = grid_search(grid, score, bounds={**BOUNDS, **FAMILY_BOUNDS.get(family, {})})
+    if "model" not in result:  # the best point was scored by an earlier run: fit it again (same seed)
+        print(f"    {family} {result['params']}: fitting the stored best again", flush=True)
+        result["model"] = fit_baseline(family, split, result["params"], threads, seed)
+    return result
 
 
 # CML variants: the package defaults, options measured against them, and the

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from cml_rs import evaluation
+from cml_rs import datasets, evaluation
 
 sys.path.insert(0, str(REPO_ROOT / "benches"))
 import panel  # benches/ is not a package: found through sys.path
@@ -106,3 +106,38 @@ def test_a_probe_label_it_lacks_stops_the_run_with_the_labels_it_has():
     assert panel.probe_candidates("gowalla", ["margin=0.95"]) == {"margin=0.95": {"margin": 0.95}}
     with pytest.raises(SystemExit, match=r"--labels: \['margin=9'\] not in probe 'margin'; its labels: .*margin=1.0"):
         panel.probe_candidates("margin", ["margin=1.0", "margin=9"])
+
+
+def test_a_tuning_job_resumes_from_the_points_it_had_scored(tmp_path, monkeypatch):
+    monkeypatch.setattr(panel, "PANEL_DIR", tmp_path)
+    monkeypatch.setitem(panel.GRIDS, "ease", {"regularization": [1.0, 10.0, 100.0]})
+    split = datasets.split_paper(datasets.synthetic(200, 80, 3000, n_clusters=4, seed=0).user_items, seed=0)
+    fitted = []
+    fit = panel.fit_baseline
+
+    def counting_fit(family, split, params, threads, seed):
+        fitted.append(params["regularization"])
+        return fit(family, split, params, threads, seed)
+
+    monkeypatch.setattr(panel, "fit_baseline", counting_fit)
+    first = panel.tune("ease", split, 1, 0, "tiny")
+    scored = list(fitted)
+    assert len(scored) >= 3 and first["params"]["regularization"] in scored
+    # A line cut off mid-write and a line of another split are ignored.
+    store = panel.trials_path("tiny", 0, "ease")
+    with open(store, "a") as handle:
+        handle.write(json.dumps({"params": {"regularization": 1000.0}, "validation": 2.0, "split": "other"}) + "\n")
+        handle.write('{"params": {"regulariz')
+    fitted.clear()
+    again = panel.tune("ease", split, 1, 0, "tiny")
+    # Only the best point is fitted again (its model is needed for the test part).
+    assert fitted == [first["params"]["regularization"]]
+    assert again["params"] == first["params"] and again["validation"] == first["validation"]
+    assert [t["validation_recall@50"] for t in again["trials"]] == [t["validation_recall@50"] for t in first["trials"]]
+    np.testing.assert_allclose(again["model"].item_weights_, first["model"].item_weights_)
+    # Another split (another seed's data) is scored afresh.
+    fitted.clear()
+    other = datasets.split_paper(datasets.synthetic(200, 80, 3000, n_clusters=4, seed=1).user_items, seed=0)
+    monkeypatch.setattr(panel, "trials_path", lambda *_: store)
+    panel.tune("ease", other, 1, 0, "tiny")
+    assert len(fitted) >= 3
