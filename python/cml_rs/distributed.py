@@ -144,8 +144,11 @@ def _import_what_holds_the_group() -> None:
     it, and with it torch.distributed._shard, which, imported while a group is up, keeps
     a reference to that group: destroy_process_group then cannot free it, its gloo
     threads outlive it, and the interpreter's teardown can abort ("terminate called
-    without an active exception")."""
-    import torch._dynamo  # noqa: F401
+    without an active exception"). A torch without it has nothing to import late."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError:
+        pass
 
 
 def _leave_group() -> None:
