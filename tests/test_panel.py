@@ -139,6 +139,8 @@ def test_a_tuning_job_resumes_from_the_points_it_had_scored(tmp_path, monkeypatc
     assert again["validation"] == pytest.approx(first["validation"], abs=1e-12)  # the refit, scored
     assert "(stored " in capsys.readouterr().out  # and the stored score that differs, named
     assert [t["params"] for t in again["trials"]] == [t["params"] for t in first["trials"]]
+    assert all(t["scored_by_an_earlier_run"] for t in again["trials"])
+    assert not any("scored_by_an_earlier_run" in t for t in first["trials"])
     np.testing.assert_allclose(again["model"].item_weights_, first["model"].item_weights_)
     # Another split (another seed's data) is scored afresh.
     fitted.clear()
