@@ -496,8 +496,9 @@ def fit(
 
     Returns the model: fitted (all vectors gathered) on rank 0, left unfitted
     on the other ranks. A group you create yourself with init_process_group
-    should come after ``import torch._dynamo``, as :func:`init` does (see
-    there), or it may outlive destroy_process_group.
+    should come after ``import torch._dynamo``, as :func:`init` does; else the
+    fit's imports keep the group alive past destroy_process_group, and its
+    threads can abort the interpreter's exit.
     """
     world = init() if not (dist.is_available() and dist.is_initialized()) else _current()
     if world.world_size == 1:
