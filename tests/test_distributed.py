@@ -264,6 +264,15 @@ def test_one_process_is_a_plain_fit(monkeypatch):
             dist.destroy_process_group()
 
 
+def run_alone(script: str) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter outside any group (a group of one if it joins);
+    it must exit cleanly within 100 s."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 @pytest.mark.timeout(120)
 def test_the_group_is_left_before_the_interpreter_exits():
     # A process group left to die with the interpreter can abort it (gloo: "terminate
@@ -276,9 +285,7 @@ def test_the_group_is_left_before_the_interpreter_exits():
         "distributed.init(backend='gloo')\n"
         "assert dist.is_initialized()\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env)
-    assert result.returncode == 0, result.stderr
+    result = run_alone(script)
     assert "initialized at exit: False" in result.stdout, result.stdout + result.stderr
 
 
@@ -302,8 +309,6 @@ def test_a_fit_leaves_no_group_threads_behind():
         "matrix.data[:] = 1\n"
         "distributed.fit(cml_rs.CML(factors=4, epochs=1, random_state=0), matrix, show_progress=False)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env)
-    assert result.returncode == 0, result.stderr
+    result = run_alone(script)
     assert "group threads in the group: []" not in result.stdout, result.stdout  # the check sees them
     assert "group threads at exit: []" in result.stdout, result.stdout + result.stderr
