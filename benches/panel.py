@@ -252,6 +252,11 @@ def _beyond(values: list, best: Any, name: str, bounds: dict[str, tuple[float, f
     return value if value is not None and low <= value <= high else None
 
 
+def params_key(params: dict[str, Any]) -> str:
+    """One grid point's settings as text, the same whatever their order."""
+    return json.dumps(params, sort_keys=True)
+
+
 def grid_search(
     grid: dict[str, list],
     score: Callable[[dict[str, Any]], tuple[float, dict[str, Any]]],
@@ -270,7 +275,7 @@ def grid_search(
 
     def evaluate(params: dict[str, Any]) -> None:
         nonlocal best
-        key = json.dumps(params, sort_keys=True)
+        key = params_key(params)
         if key in tried:
             return
         recall, record = score(params)
@@ -330,18 +335,14 @@ class TrialStore:
                 except json.JSONDecodeError:
                     continue
                 if entry.get("split") == split_fingerprint:
-                    self.scores[self.key(entry["params"])] = entry
-
-    @staticmethod
-    def key(params: dict[str, Any]) -> str:
-        return json.dumps(params, sort_keys=True)
+                    self.scores[params_key(entry["params"])] = entry
 
     def get(self, params: dict[str, Any]) -> dict[str, Any] | None:
-        return self.scores.get(self.key(params))
+        return self.scores.get(params_key(params))
 
     def add(self, params: dict[str, Any], validation: float, fit_seconds: float) -> None:
         entry = {"params": params, "validation": validation, "fit_seconds": fit_seconds, "split": self.fingerprint}
-        self.scores[self.key(params)] = entry
+        self.scores[params_key(params)] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
@@ -357,6 +358,9 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int, dataset: s
     fitted again, except the best, whose model is needed for the test."""
     store = TrialStore(trials_path(dataset, seed, family), split.fingerprint())
 
+    def validation_recall(model: Any) -> float:
+        return evaluation.ranking_metrics_at_k(model, split.train, split.validation, K=50)["recall"]
+
     def score(params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         stored = store.get(params)
         if stored is not None:
@@ -365,7 +369,7 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int, dataset: s
         start = time.perf_counter()
         model = fit_baseline(family, split, params, threads, seed)
         seconds = time.perf_counter() - start
-        valid = evaluation.ranking_metrics_at_k(model, split.train, split.validation, K=50)["recall"]
+        valid = validation_recall(model)
         print(f"    {family} {params}: validation recall@50 {valid:.4f} ({seconds:.1f}s)", flush=True)
         store.add(params, valid, seconds)
         return valid, {"model": model, "fit_seconds": seconds}
@@ -375,7 +379,7 @@ def tune(family: str, split: datasets.Split, threads: int, seed: int, dataset: s
     result = grid_search(grid, score, bounds={**BOUNDS, **FAMILY_BOUNDS.get(family, {})})
     if "model" not in result:  # the best point was scored by an earlier run: fit it again (same seed)
         result["model"] = fit_baseline(family, split, result["params"], threads, seed)
-        valid = evaluation.ranking_metrics_at_k(result["model"], split.train, split.validation, K=50)["recall"]
+        valid = validation_recall(result["model"])
         print(f"    {family} {result['params']}: the stored best fitted again: validation recall@50 {valid:.4f}")
         if abs(valid - result["validation"]) > 1e-4:  # a fit that is not repeatable (threads)
             print(f"    (stored {result['validation']:.4f}; the test scores this fit)", flush=True)
