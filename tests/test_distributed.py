@@ -312,3 +312,12 @@ def test_a_fit_leaves_no_group_threads_behind():
     result = run_alone(script)
     assert "group threads in the group: []" not in result.stdout, result.stdout  # the check sees them
     assert "group threads at exit: []" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_torch_without_dynamo_still_joins(monkeypatch):
+    # init imports torch._dynamo early where it exists (see the test above); a build
+    # without it has nothing that could import it late, so its absence is no error.
+    monkeypatch.setitem(sys.modules, "torch._dynamo", None)  # import now raises ImportError
+    with pytest.raises(ImportError):
+        import torch._dynamo  # noqa: F401
+    distributed._import_what_holds_the_group()
