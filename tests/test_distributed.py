@@ -314,7 +314,7 @@ def test_a_fit_leaves_no_group_threads_behind():
     assert "group threads at exit: []" in result.stdout, result.stdout + result.stderr
 
 
-def test_a_torch_without_dynamo_still_joins(monkeypatch):
+def test_the_early_import_tolerates_a_torch_without_dynamo(monkeypatch):
     # init imports torch._dynamo early where it exists (see the test above); a build
     # without it has nothing that could import it late, so its absence is no error.
     monkeypatch.setitem(sys.modules, "torch._dynamo", None)  # import now raises ImportError
