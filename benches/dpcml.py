@@ -131,6 +131,8 @@ def fit_dpcml(
         if (epoch + 1) % s["eval_every"]:
             continue
         recall = evaluation.ranking_metrics_at_k(model, train, validation, K=50)["recall"]
+        elapsed = time.perf_counter() - start
+        print(f"    dpcml-{vectors} epoch {epoch + 1}: validation recall@50 {recall:.4f} ({elapsed:.0f}s)", flush=True)
         if recall > best:
             best, best_epoch, stale = recall, epoch, 0
             best_state = (model.users.detach().clone(), model.items.detach().clone())
